@@ -1,0 +1,311 @@
+"""The Audio Spectrogram Transformer (AST) backbone, in one readable file.
+
+Same maths as Gong et al. (2021) and transformers' ``ASTModel``: 16x16 patches of the
+(frequency, time) log-mel plane with stride 10, [CLS] and distillation tokens, learned
+absolute position embeddings, pre-LN Transformer blocks and a final LayerNorm.
+
+PETL methods never rewrite a forward pass. They plug into named extension points:
+
+* ``Block.mhsa`` / ``Block.ffn`` (:class:`SublayerTaps`): transforms of a sub-layer's
+  (normalised) input or of its output, and side branches added to its output. Sequential
+  and parallel adapters, before or after a sub-layer, are all expressed through these.
+* ``Block.linear(name)`` / ``Block.replace_linear(name, module)``: the projections
+  ``q``, ``k``, ``v``, ``o``, ``ffn_in``, ``ffn_out`` by semantic name (LoRA).
+* ``Attention.prefix``: a module returning extra key and value vectors (prefix tuning).
+* ``Block.insert_tokens``: a module run on the sequence before the block (prompt tuning);
+  inserted tokens live at positions ``[NUM_SPECIAL_TOKENS, NUM_SPECIAL_TOKENS + p)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+NUM_SPECIAL_TOKENS = 2  # [CLS] and distillation
+POOLINGS = ("mean", "cls", "cls_dist")
+
+
+@dataclass(frozen=True)
+class ASTConfig:
+    """Architecture of an AST. Defaults are ViT-B with AudioSet's 1024-frame input."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_size: int = 3072
+    num_mel_bins: int = 128
+    max_frames: int = 1024
+    patch_size: int = 16
+    frequency_stride: int = 10
+    time_stride: int = 10
+    layer_norm_eps: float = 1e-12
+    qkv_bias: bool = True
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "qkv_bias":
+                continue
+            if not value > 0:
+                raise ValueError(f"ASTConfig.{field.name} must be positive, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ASTConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.max_frames < self.patch_size or self.num_mel_bins < self.patch_size:
+            raise ValueError(
+                f"ASTConfig: max_frames ({self.max_frames}) and num_mel_bins ({self.num_mel_bins}) "
+                f"must be at least patch_size ({self.patch_size})"
+            )
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (frequency, time), as transformers' ``ASTEmbeddings.get_shape``."""
+        freq = (self.num_mel_bins - self.patch_size) // self.frequency_stride + 1
+        time = (self.max_frames - self.patch_size) // self.time_stride + 1
+        return freq, time
+
+    @property
+    def num_tokens(self) -> int:
+        freq, time = self.grid
+        return freq * time + NUM_SPECIAL_TOKENS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ASTConfig":
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown ASTConfig keys {unknown}; valid keys: {sorted(valid)}")
+        return cls(**values)
+
+
+class PatchEmbed(nn.Module):
+    """(batch, frames, mel) features -> (batch, patches, hidden), frequency-major order."""
+
+    def __init__(self, config: ASTConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(
+            1,
+            config.hidden_size,
+            kernel_size=config.patch_size,
+            stride=(config.frequency_stride, config.time_stride),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        plane = features.transpose(1, 2).unsqueeze(1)  # (B, 1, mel, frames)
+        return self.proj(plane).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/o projections and fused SDPA."""
+
+    def __init__(self, config: ASTConfig) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_heads
+        self.q = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.o = nn.Linear(dim, dim)
+        # Extension point: a module called with the batch size, returning (keys, values),
+        # each (batch, p, hidden), prepended to the projected keys and values.
+        self.prefix: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.prefix is not None:
+            prefix_k, prefix_v = self.prefix(batch)
+            k = torch.cat([prefix_k.to(k.dtype), k], dim=1)
+            v = torch.cat([prefix_v.to(v.dtype), v], dim=1)
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class MLP(nn.Module):
+    """The FFN sub-layer: Linear, GELU, Linear."""
+
+    def __init__(self, config: ASTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.mlp_size)
+        self.fc2 = nn.Linear(config.mlp_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SublayerTaps(nn.Module):
+    """Extension point around one pre-LN sub-layer ``x + f(LN(x))``.
+
+    With ``n = LN(x)``:
+      1. every ``input_transforms`` module maps ``n -> n`` in turn (sequential-before);
+      2. ``y = f(n)``; every ``output_transforms`` module maps ``y -> y`` (sequential-after);
+      3. every ``branches`` module is called as ``branch(n, y_raw)`` with ``y_raw`` the
+         sub-layer output before step 2's transforms, and its result is added to ``y``
+         (parallel modules);
+      4. the sub-layer returns ``x + y``.
+    Empty taps cost nothing and leave the sub-layer as in the pre-trained model.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_transforms = nn.ModuleList()
+        self.output_transforms = nn.ModuleList()
+        self.branches = nn.ModuleList()
+
+    def forward(self, x: torch.Tensor, norm: nn.Module, sublayer: nn.Module) -> torch.Tensor:
+        n = norm(x)
+        for transform in self.input_transforms:
+            n = transform(n)
+        y_raw = sublayer(n)
+        y = y_raw
+        for transform in self.output_transforms:
+            y = transform(y)
+        for branch in self.branches:
+            y = y + branch(n, y_raw)
+        return x + y
+
+
+class Block(nn.Module):
+    """One pre-LN Transformer layer: ``x + MHSA(LN(x))`` then ``x + FFN(LN(x))``."""
+
+    # Semantic projection names -> (sub-module, attribute); stable across refactors.
+    LINEARS = {
+        "q": ("attn", "q"),
+        "k": ("attn", "k"),
+        "v": ("attn", "v"),
+        "o": ("attn", "o"),
+        "ffn_in": ("mlp", "fc1"),
+        "ffn_out": ("mlp", "fc2"),
+    }
+
+    def __init__(self, config: ASTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.mhsa = SublayerTaps()
+        self.ffn = SublayerTaps()
+        # Extension point: module mapping the token sequence before this block.
+        self.insert_tokens: nn.Module | None = None
+
+    def linear(self, name: str) -> nn.Module:
+        owner, attr = self._linear_slot(name)
+        return getattr(owner, attr)
+
+    def replace_linear(self, name: str, module: nn.Module) -> None:
+        owner, attr = self._linear_slot(name)
+        setattr(owner, attr, module)
+
+    def _linear_slot(self, name: str) -> tuple[nn.Module, str]:
+        if name not in self.LINEARS:
+            raise ValueError(f"unknown projection {name!r}; valid: {sorted(self.LINEARS)}")
+        owner, attr = self.LINEARS[name]
+        return getattr(self, owner), attr
+
+    def sublayer_norm(self, sublayer: str) -> nn.LayerNorm:
+        return {"mhsa": self.norm1, "ffn": self.norm2}[sublayer]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.insert_tokens is not None:
+            x = self.insert_tokens(x)
+        x = self.mhsa(x, self.norm1, self.attn)
+        return self.ffn(x, self.norm2, self.mlp)
+
+
+class AST(nn.Module):
+    """Audio Spectrogram Transformer: features (batch, frames, mel) -> hidden (batch, tokens, hidden)."""
+
+    def __init__(self, config: ASTConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, dim))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random ViT-style initialisation (used for tests and the offline demo)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=0.02)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for token in (self.cls_token, self.dist_token, self.pos_embed):
+            nn.init.trunc_normal_(token, std=0.02)
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        expected = (self.config.max_frames, self.config.num_mel_bins)
+        if features.dim() != 3 or tuple(features.shape[1:]) != expected:
+            raise ValueError(
+                f"AST expects features of shape (batch, {expected[0]}, {expected[1]}), "
+                f"got {tuple(features.shape)}; pad or truncate clips to max_frames={expected[0]}"
+            )
+        patches = self.patch_embed(features.to(self.patch_embed.proj.weight.dtype))
+        special = torch.cat([self.cls_token, self.dist_token], dim=1).expand(len(patches), -1, -1)
+        return torch.cat([special.to(patches.dtype), patches], dim=1) + self.pos_embed.to(patches.dtype)
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """Hidden sequence after the last block, before the final LayerNorm."""
+        x = self.embed(features)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.encode(features))
+
+
+def pool(hidden: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """Sequence -> one vector per clip.
+
+    ``mean``: mean of all output tokens (the paper's head); ``cls``: the [CLS] token;
+    ``cls_dist``: mean of [CLS] and distillation tokens (the original AST head).
+    """
+    if mode == "mean":
+        return hidden.mean(dim=1)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "cls_dist":
+        return (hidden[:, 0] + hidden[:, 1]) / 2
+    raise ValueError(f"unknown pooling {mode!r}; valid: {list(POOLINGS)}")
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = [
+    "AST",
+    "ASTConfig",
+    "Attention",
+    "Block",
+    "MLP",
+    "NUM_SPECIAL_TOKENS",
+    "POOLINGS",
+    "SublayerTaps",
+    "count_parameters",
+    "pool",
+]
