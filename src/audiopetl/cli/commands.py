@@ -1,0 +1,358 @@
+"""The sub-commands of ``audiopetl``: for each, its options and the function that runs it.
+
+``COMMANDS`` maps a name to ``(help, add_arguments, run)``; ``main.py`` builds the parser
+from it. Heavy imports happen inside the run functions so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+# Method options the CLI exposes, mapped to the method-config field they set.
+METHOD_OPTIONS = {
+    "reduction_rate": (int, "LoRA / adapter reduction rate RR (rank or bottleneck = hidden / RR)"),
+    "alpha": (float, "LoRA alpha; scaling = alpha / RR"),
+    "targets": (lambda s: tuple(s.split(",")), "LoRA targets, comma-separated from q,k,v,o"),
+    "num_prompts": (int, "prompt tuning: prompts (SPT: in total, DPT: per layer)"),
+    "num_tokens": (int, "prefix tuning: tokens per layer, split between keys and values"),
+    "module": (str, "adapter module: bottleneck or convpass"),
+    "layout": (str, "adapter layout: pfeiffer, houlsby, houlsby_mixed or hydra"),
+    "location": (str, "Pfeiffer adapter location: mhsa or ffn"),
+    "insertion": (str, "adapter insertion: parallel or sequential"),
+    "position": (str, "adapter position: before or after the sub-layer"),
+}
+
+
+def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method")
+    group.add_argument(
+        "--method",
+        default=None,
+        help="method or preset name (see `audiopetl params`); join several with '+' for a combination",
+    )
+    for name, (kind, help_text) in METHOD_OPTIONS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=help_text)
+    group.add_argument(
+        "--residual",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="adapter residual connection (default: on for sequential, off for parallel)",
+    )
+
+
+def method_from_args(args: argparse.Namespace):
+    """The method spec (preset name, dict or list) the options describe; validated by petl."""
+    from ..petl import preset, resolve_methods
+
+    names = (args.method or "lora").split("+")
+    options = {name: getattr(args, name) for name in [*METHOD_OPTIONS, "residual"] if getattr(args, name) is not None}
+    if not options:
+        spec = names[0] if len(names) == 1 else names
+    elif len(names) > 1:
+        raise ValueError("method options apply to a single method; describe combinations in a --config YAML file")
+    else:
+        values = preset(names[0]).to_dict()
+        unknown = sorted(set(options) - set(values))
+        if unknown:
+            raise ValueError(f"option(s) {unknown} do not apply to method {names[0]!r}; it takes {sorted(values)}")
+        spec = {**values, **options}
+    resolve_methods(spec)  # fail now, not after the features are built
+    return spec
+
+
+# ---------------------------------------------------------------------------- train
+# Train flags default to SUPPRESS: only the flags a user typed reach the config, so a
+# --config YAML supplies the rest and TrainConfig's own defaults fill what neither gives.
+_UNSET = argparse.SUPPRESS
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..train.config import POS_EMBED_MODES
+    from ..train.precision import PRECISIONS
+
+    parser.add_argument("--config", type=Path, help="YAML file of training options; flags override it")
+    parser.add_argument("--dataset", default=_UNSET, help="dataset name (see `audiopetl data list`)")
+    parser.add_argument("--data-root", default=_UNSET, help="dataset folder (see `audiopetl data info NAME`)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/DATASET-METHOD)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir")
+    _add_method_arguments(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default=_UNSET,
+                       help="hub id, local folder or 'tiny-random' (default: MIT/ast-finetuned-audioset-10-10-0.4593)")
+    model.add_argument("--pos-embed", choices=POS_EMBED_MODES, default=_UNSET,
+                       help="'adapt' (default) the position table to the clip length, or 'zeros' as in the paper")
+    model.add_argument("--pooling", choices=("mean", "cls", "cls_dist"), default=_UNSET, help="head input (default: mean)")
+    model.add_argument("--extra-trainable", default=_UNSET, type=_comma_list,
+                       help="comma-separated extras: pos_embed, final_norm, block.N")
+    data = parser.add_argument_group("data")
+    data.add_argument("--protocol", default=_UNSET, help="split protocol (US8K: default or reference)")
+    data.add_argument("--folds", default=_UNSET, type=lambda s: tuple(int(f) for f in _comma_list(s)),
+                      help="comma-separated 1-based splits to run (default: all)")
+    data.add_argument("--few-shot", type=int, default=_UNSET, help="K training clips per class")
+    data.add_argument("--few-shot-seed", type=int, default=_UNSET, help="seed of the few-shot draw (default: 0)")
+    data.add_argument("--max-frames", type=int, default=_UNSET, help="clip length in frames (default: dataset's)")
+    data.add_argument("--specaugment", action=argparse.BooleanOptionalAction, default=_UNSET,
+                      help="SpecAugment on training batches (default: dataset's)")
+    data.add_argument("--skip-bad-audio", action=argparse.BooleanOptionalAction, default=_UNSET,
+                      help="skip undecodable/empty/NaN/silent files (listed in bad_audio.txt) instead of stopping")
+    data.add_argument("--cache-dir", default=_UNSET, help="feature cache (default: $AUDIOPETL_CACHE or ~/.cache/audiopetl)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=_UNSET, help="default: dataset's")
+    optim.add_argument("--batch-size", type=int, default=_UNSET, help="default: dataset's")
+    optim.add_argument("--lr", type=float, default=_UNSET, help="default: by method family (paper)")
+    optim.add_argument("--weight-decay", type=float, default=_UNSET, help="default: 0.1")
+    optim.add_argument("--grad-accum", type=int, default=_UNSET, help="default: 1")
+    optim.add_argument("--seed", type=int, default=_UNSET, help="default: 0")
+    system = parser.add_argument_group("system")
+    system.add_argument("--device", default=_UNSET, help="auto (default), cpu, cuda, cuda:N")
+    system.add_argument("--precision", choices=PRECISIONS, default=_UNSET,
+                        help="auto (default): bf16 on CUDA and on CPUs with fast bf16, else fp32")
+    for flag, help_text in (
+        ("grad-checkpointing", "activation checkpointing for long clips (default: off)"),
+        ("compile", "torch.compile the model (default: off)"),
+        ("embedding-cache", "linear probing: train the head on cached embeddings (default: on)"),
+        ("tensorboard", "also log to TensorBoard (default: off)"),
+        ("progress", "progress bars (default: on)"),
+    ):
+        system.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=_UNSET, help=help_text)
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item for item in text.split(",") if item)
+
+
+_NOT_CONFIG = {"command", "config", "run_dir", "resume", "method", "residual", *METHOD_OPTIONS}
+
+
+def config_from_args(args: argparse.Namespace):
+    import yaml
+
+    from ..train import TrainConfig
+
+    values: dict = {}
+    if args.config is not None:
+        values = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.config}: expected a mapping of training options")
+    values.update({k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
+    method_flags = args.method is not None or any(getattr(args, o) is not None for o in [*METHOD_OPTIONS, "residual"])
+    if method_flags or "method" not in values:
+        values["method"] = method_from_args(args)
+    for required in ("dataset", "data_root"):
+        if not values.get(required):
+            raise ValueError(f"--{required.replace('_', '-')} is required (or set it in --config)")
+    return TrainConfig.from_dict(values)
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    from ..train import resolve, run_training
+
+    config = resolve(config_from_args(args))
+    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(config.method)}"
+    if args.resume and not run_dir.exists():
+        raise ValueError(f"--resume: run directory {run_dir} does not exist")
+    summary = run_training(config, run_dir, resume=args.resume)
+    print(f"run directory: {run_dir}")
+    return {k: summary[k] for k in ("dataset", "test_accuracy_mean", "test_accuracy_std", "trainable_parameters")}
+
+
+def _method_label(method) -> str:
+    if isinstance(method, str):
+        return method
+    if isinstance(method, dict):
+        return method["method"]
+    return "+".join(_method_label(m) for m in method)
+
+
+# ---------------------------------------------------------------------------- eval / predict
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", type=Path, help="adapter file written by `train`")
+    parser.add_argument("--data-root", required=True, help="dataset folder")
+    parser.add_argument("--dataset", default=None, help="default: the adapter's dataset")
+    parser.add_argument("--split", default=None, help="split name (default: the adapter's split)")
+    parser.add_argument("--protocol", default="default")
+    parser.add_argument("--backbone", default=None, help="override the backbone named in the adapter file")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache-dir", default=None)
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    from ..experiments.inference import evaluate_adapter
+
+    return evaluate_adapter(
+        args.adapter,
+        data_root=args.data_root,
+        dataset=args.dataset,
+        split=args.split,
+        protocol=args.protocol,
+        backbone=args.backbone,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_dir=args.cache_dir,
+    )
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", type=Path, help="adapter file written by `train`")
+    parser.add_argument("inputs", nargs="+", type=Path, help="audio files or folders")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--format", choices=("json", "csv"), default="json")
+    parser.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
+    parser.add_argument("--backbone", default=None, help="override the backbone named in the adapter file")
+    parser.add_argument("--device", default="auto")
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from ..experiments.inference import format_predictions, predict_files
+
+    predictions = predict_files(args.adapter, args.inputs, top_k=args.top_k, backbone=args.backbone, device=args.device)
+    text = format_predictions(predictions, args.format)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        print(text, end="")
+
+
+# ---------------------------------------------------------------------------- params
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone-config", default="vit-b",
+                        help="'vit-b' (AST base) or a config.json path; no weights are downloaded")
+    parser.add_argument("--num-classes", type=int, default=50)
+    parser.add_argument("--max-frames", type=int, default=1024)
+
+
+def run_params(args: argparse.Namespace) -> None:
+    from ..backbone import ASTConfig
+    from ..petl import format_parameter_table, parameter_table
+
+    if args.backbone_config == "vit-b":
+        config = ASTConfig(max_frames=args.max_frames)
+    else:
+        from ..backbone import config_from_hf
+
+        config = config_from_hf(args.backbone_config, max_frames=args.max_frames)
+    print(format_parameter_table(parameter_table(config, num_classes=args.num_classes)))
+
+
+# ---------------------------------------------------------------------------- data / cache
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    sub.add_parser("list", help="datasets audiopetl knows")
+    info = sub.add_parser("info", help="expected folder layout and defaults of a dataset")
+    info.add_argument("name")
+    download = sub.add_parser("download", help="fetch and extract a dataset's official archive")
+    download.add_argument("name")
+    download.add_argument("--to", type=Path, required=True, help="destination folder")
+
+
+def run_data(args: argparse.Namespace) -> None:
+    from ..data import DATASETS, download_dataset, get_dataset
+
+    if args.data_command == "list":
+        for name, dataset in DATASETS.items():
+            print(f"{name:8s} {dataset.description}")
+    elif args.data_command == "info":
+        dataset = get_dataset(args.name)
+        print(f"{args.name}: {dataset.description}\n\n{dataset.layout}\n\ndefaults: {dataset.defaults}")
+    else:
+        print(f"dataset ready at {download_dataset(args.name, args.to)}")
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    for action, help_text in (("ls", "list cached feature sets"), ("clear", "delete cached feature sets")):
+        p = sub.add_parser(action, help=help_text)
+        p.add_argument("--cache-dir", default=None)
+        if action == "clear":
+            p.add_argument("--key", default=None, help="one entry (default: all)")
+
+
+def run_cache(args: argparse.Namespace) -> None:
+    from ..data import clear_cache, list_cache_entries
+
+    if args.cache_command == "ls":
+        entries = list_cache_entries(args.cache_dir)
+        for entry in entries:
+            print(entry)
+        if not entries:
+            print("(cache is empty)")
+    else:
+        removed = clear_cache(args.cache_dir, key=args.key)
+        print(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
+
+
+# ---------------------------------------------------------------------------- reproduce / report / demo
+def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..experiments.recipes import recipe_names
+
+    parser.add_argument("table", choices=recipe_names(), help="paper experiment to run")
+    parser.add_argument("--data", action="append", default=[], metavar="DATASET=PATH",
+                        help="dataset folder, repeat per dataset (e.g. --data esc50=ESC-50-master)")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/TABLE")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training option for every run (e.g. --set epochs=5)")
+    parser.add_argument("--only", default=None, help="comma-separated datasets to run (default: all in the recipe)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs without training")
+
+
+def run_reproduce(args: argparse.Namespace) -> None:
+    import yaml
+
+    from ..experiments.recipes import load_recipe, run_sweep
+
+    roots = dict(_key_value(item, "--data") for item in args.data)
+    overrides = {k: yaml.safe_load(v) for k, v in (_key_value(item, "--set") for item in args.set)}
+    only = args.only.split(",") if args.only else None
+    runs_dir = args.runs_dir or Path("runs") / args.table
+    run_sweep(load_recipe(args.table), roots, runs_dir, overrides=overrides, only=only, dry_run=args.dry_run)
+
+
+def _key_value(item: str, option: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{option} expects KEY=VALUE, got {item!r}")
+    return key, value
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs_dir", type=Path, help="a folder of runs (e.g. runs/table1)")
+    parser.add_argument("--out", type=Path, default=None, help="default: RUNS_DIR/report")
+    parser.add_argument("--tsne", action=argparse.BooleanOptionalAction, default=False,
+                        help="also plot the t-SNE of the [CLS] token of each run (needs the data)")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from ..experiments.report import write_report
+
+    out = write_report(args.runs_dir, args.out or args.runs_dir / "report", tsne=args.tsne)
+    print(f"report written to {out}")
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("demo-run"), help="folder for data, runs and adapters")
+    parser.add_argument("--backbone", default="tiny-random",
+                        help="'tiny-random' (offline, random weights) or a hub id / folder for real weights")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 12 (tiny) / 3 (real backbone)")
+    parser.add_argument("--clips-per-class", type=int, default=24)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from ..experiments.demo import run_demo as demo
+
+    demo(args.out, backbone=args.backbone, epochs=args.epochs, clips_per_class=args.clips_per_class)
+
+
+COMMANDS = {
+    "demo": ("train LoRA and an adapter on a generated dataset, offline, in minutes", add_demo_arguments, run_demo),
+    "train": ("train a PETL method on a dataset", add_train_arguments, run_train),
+    "eval": ("score an adapter file on a dataset split", add_eval_arguments, run_eval),
+    "predict": ("label audio files with an adapter file", add_predict_arguments, run_predict),
+    "params": ("method x trainable-parameter table (no download)", add_params_arguments, run_params),
+    "data": ("list, describe and download datasets", add_data_arguments, run_data),
+    "cache": ("list or clear the feature cache", add_cache_arguments, run_cache),
+    "reproduce": ("run a paper table or figure as a resumable sweep", add_reproduce_arguments, run_reproduce),
+    "report": ("tables and plots from a folder of runs", add_report_arguments, run_report),
+}

@@ -1,0 +1,59 @@
+"""The ``audiopetl`` command: argument parsing and dispatch to the library.
+
+Every sub-command is a thin layer over a library function; options are validated
+before any work starts, and boolean options are real flags (``--x/--no-x``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """examples:
+  audiopetl demo                                   # offline, ~2 minutes on 2 CPU cores
+  audiopetl train --dataset esc50 --data-root ESC-50-master --method lora --run-dir runs/esc50-lora
+  audiopetl predict runs/esc50-lora/fold1/adapter.safetensors clip.wav --top-k 3
+  audiopetl reproduce table1 --data esc50=ESC-50-master --data fsc=fluent_speech_commands_dataset
+  audiopetl report runs/table1
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="audiopetl",
+        description="Parameter-efficient transfer learning of Audio Spectrogram Transformers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from . import commands as impl
+
+    for name, (help_text, add_arguments, _) in impl.COMMANDS.items():
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import commands as impl
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _, _, run = impl.COMMANDS[args.command]
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"audiopetl {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    if isinstance(result, (dict, list)):
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

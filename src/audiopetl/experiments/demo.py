@@ -1,0 +1,68 @@
+"""``audiopetl demo``: the whole job end to end, offline, in a couple of minutes on a laptop CPU.
+
+Generates a small labelled dataset of distinct synthetic sounds as WAV files, trains a
+LoRA and a Bottleneck adapter on it, saves the adapter files, reloads one and labels a few
+clips, and prints accuracy and parameter counts. By default the backbone is a small
+*randomly initialised* AST (nothing is downloaded); ``backbone=`` a hub id or folder runs
+the same demo on real pre-trained weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..backbone import TINY_RANDOM
+from ..train import ADAPTER, TrainConfig, run_training
+from .inference import predict_files
+from .synthetic import CLASSES, make_synthetic_dataset
+
+DEMO_METHODS = {
+    "lora": {"method": "lora", "targets": ["q", "v"], "reduction_rate": 16, "alpha": 8.0},
+    "adapter": "bottleneck_pf_par",
+}
+
+
+def run_demo(
+    out: str | Path,
+    backbone: str = TINY_RANDOM,
+    epochs: int | None = None,
+    clips_per_class: int = 24,
+    progress: bool = True,
+) -> dict:
+    """Run the demo into ``out``; returns {method: summary} for the trained methods."""
+    out = Path(out)
+    tiny = backbone == TINY_RANDOM
+    if tiny:
+        print(
+            "NOTE: using a small randomly initialised AST (no pre-trained weights, nothing downloaded).\n"
+            "      Accuracy here shows the pipeline learns; run `audiopetl demo --backbone "
+            "MIT/ast-finetuned-audioset-10-10-0.4593` for real weights."
+        )
+    data = make_synthetic_dataset(out / "data", clips_per_class=clips_per_class, seconds=1.0)
+    print(f"dataset: {len(CLASSES)} synthetic classes x {clips_per_class} clips in {data}")
+    results = {}
+    for name, method in DEMO_METHODS.items():
+        config = TrainConfig(
+            dataset="folder",
+            data_root=str(data),
+            method=method,
+            backbone=backbone,
+            max_frames=100,
+            epochs=epochs or (12 if tiny else 3),
+            batch_size=16,
+            cache_dir=str(out / "cache"),
+            progress=progress,
+        )
+        summary = run_training(config, out / "runs" / name)
+        results[name] = summary
+        print(
+            f"{name:8s} test accuracy {summary['test_accuracy_mean']:.3f} "
+            f"(chance {1 / len(CLASSES):.3f}), trainable parameters {summary['trainable_parameters']:,}"
+        )
+    adapter = next((out / "runs" / "lora").glob(f"*/{ADAPTER}"))
+    size_kb = adapter.stat().st_size / 1024
+    print(f"\nadapter file {adapter} ({size_kb:.0f} KB); reloading it and labelling one clip per class:")
+    clips = [next((data / label).glob("*.wav")) for label in CLASSES]
+    for item in predict_files(adapter, clips, top_k=1, device="cpu"):
+        print(f"  {Path(item['path']).name:24s} -> {item['label']} ({item['top_k'][0]['score']:.2f})")
+    return results

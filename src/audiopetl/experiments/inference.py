@@ -1,0 +1,135 @@
+"""Using a trained adapter file: label audio files (``predict``) and score a split (``eval``).
+
+Both rebuild the model from the file alone: the backbone and frontend settings named in
+its metadata, so a shipped adapter needs nothing else.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import FeatureCache, get_dataset
+from ..frontend import Fbank, FbankConfig, load_audio
+from ..petl import PETLModel, load_adapter
+from ..train.loop import Batches, LoopSettings, evaluate
+from ..train.precision import resolve_device, resolve_precision
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au"}
+
+
+def load_for_inference(adapter: str | Path, backbone: str | None = None, device: str = "auto") -> PETLModel:
+    """The adapter's model on ``device`` in eval mode; ``backbone`` overrides the file's backbone id."""
+    backbone_model = None
+    if backbone is not None:
+        from ..backbone import load_backbone
+        from ..petl import read_adapter_metadata
+
+        metadata = read_adapter_metadata(adapter)["metadata"]
+        backbone_model = load_backbone(
+            backbone, max_frames=metadata["frontend"]["max_frames"], pos_embed=metadata.get("pos_embed", "adapt")
+        )
+    return load_adapter(adapter, backbone=backbone_model).to(resolve_device(device)).eval()
+
+
+def audio_files(inputs: list[str | Path]) -> list[Path]:
+    """Files as given, and audio files found (recursively, sorted) in given folders."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES))
+        elif item.exists():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"no such audio file or folder: {str(item)!r}")
+    if not files:
+        raise ValueError(f"no audio files found in {[str(i) for i in inputs]}")
+    return files
+
+
+@torch.no_grad()
+def predict_files(
+    adapter: str | Path,
+    inputs: list[str | Path],
+    top_k: int = 5,
+    backbone: str | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+) -> list[dict]:
+    """Top-k labels and probabilities for each audio file."""
+    model = load_for_inference(adapter, backbone, device)
+    device_ = next(model.parameters()).device
+    fbank = Fbank(FbankConfig.from_dict(model.metadata["frontend"])).to(device_)
+    files = audio_files(inputs)
+    k = min(top_k, len(model.class_names))
+    results = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        waves = [torch.from_numpy(load_audio(path)) for path in chunk]
+        lengths = torch.tensor([len(w) for w in waves])
+        padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device_)
+        probabilities = model(fbank(padded, lengths=lengths.to(device_))).float().softmax(-1).cpu()
+        scores, labels = probabilities.topk(k, dim=-1)
+        for path, row_scores, row_labels in zip(chunk, scores, labels):
+            ranked = [
+                {"label": model.class_names[int(i)], "score": round(float(s), 6)} for s, i in zip(row_scores, row_labels)
+            ]
+            results.append({"path": str(path), "label": ranked[0]["label"], "top_k": ranked})
+    return results
+
+
+def format_predictions(predictions: list[dict], fmt: str = "json") -> str:
+    if fmt == "json":
+        return json.dumps(predictions, indent=2) + "\n"
+    if fmt != "csv":
+        raise ValueError(f"unknown format {fmt!r}; valid: ['json', 'csv']")
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["path", "rank", "label", "score"])
+    for item in predictions:
+        for rank, entry in enumerate(item["top_k"], start=1):
+            writer.writerow([item["path"], rank, entry["label"], entry["score"]])
+    return out.getvalue()
+
+
+def evaluate_adapter(
+    adapter: str | Path,
+    data_root: str,
+    dataset: str | None = None,
+    split: str | None = None,
+    protocol: str = "default",
+    backbone: str | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    cache_dir: str | None = None,
+) -> dict:
+    """Test accuracy of an adapter on a split of its dataset (default: the split it was trained on)."""
+    model = load_for_inference(adapter, backbone, device)
+    metadata = model.metadata
+    dataset = dataset or metadata["dataset"]
+    split = split or metadata["split"]
+    source = get_dataset(dataset)
+    index = source.scan(data_root)
+    splits = {s.name: s for s in source.splits(index, protocol=protocol)}
+    if split not in splits:
+        raise ValueError(f"split {split!r} not found for {dataset}; valid: {sorted(splits)}")
+    if list(index.class_names) != list(model.class_names):
+        raise ValueError(
+            f"adapter classes {model.class_names[:5]}... do not match dataset classes {index.class_names[:5]}..."
+        )
+    fbank = FbankConfig.from_dict(metadata["frontend"])
+    test_clips = splits[split].test
+    features, kept, bad = FeatureCache(cache_dir).features([index.clips[i].path for i in test_clips], fbank)
+    labels = np.asarray([index.clips[test_clips[i]].label for i in kept], dtype=np.int64)
+    device_ = next(model.parameters()).device
+    # The same precision choice as training, so eval reproduces the run's test accuracy.
+    settings = LoopSettings(
+        epochs=1, batch_size=batch_size, lr=1.0, device=device_, dtype=resolve_precision("auto", device_)
+    )
+    metrics = evaluate(model, Batches(features, labels, np.arange(len(labels))), settings)
+    return {"dataset": dataset, "split": split, "test_accuracy": metrics["accuracy"], "num_test": len(labels)}

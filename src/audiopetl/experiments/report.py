@@ -1,0 +1,200 @@
+"""Results of a sweep as the paper shows them: Markdown and CSV tables, plots.
+
+:func:`collect` reads every finished run of a sweep folder (``sweep.json`` plus each
+run's ``metrics.json``). :func:`write_report` writes ``results.md`` / ``results.csv``
+(rows = methods; columns = datasets, or dataset x K for few-shot, or budgets; the
+paper's published figure beside ours where it exists), ``accuracy_vs_params.png``
+(Fig. 3/4), ``few_shot.png`` for few-shot sweeps, and with ``tsne=True`` a t-SNE plot of
+the [CLS] token per run (Fig. 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from .paper_results import paper_accuracy
+from .recipes import SWEEP_FILE
+
+
+def collect(runs_dir: str | Path) -> tuple[dict, list[dict]]:
+    """(sweep description, finished runs with labels and metrics)."""
+    runs_dir = Path(runs_dir)
+    sweep_file = runs_dir / SWEEP_FILE
+    if not sweep_file.exists():
+        raise FileNotFoundError(f"{sweep_file} not found: is {runs_dir} a folder made by `audiopetl reproduce`?")
+    sweep = json.loads(sweep_file.read_text())
+    finished = []
+    for run in sweep["runs"]:
+        metrics_file = runs_dir / run["id"] / "metrics.json"
+        if metrics_file.exists():
+            finished.append({**run, "metrics": json.loads(metrics_file.read_text())})
+    return sweep, finished
+
+
+def _column(run: dict) -> str:
+    if "k" in run:
+        return f"{run['dataset']} K={run['k']}"
+    if "budget" in run:
+        return f"{run['dataset']} {run['budget'] // 1000}K"
+    return run["dataset"]
+
+
+def _cell(metrics: dict) -> str:
+    mean, std = 100 * metrics["test_accuracy_mean"], 100 * metrics["test_accuracy_std"]
+    return f"{mean:.2f} ± {std:.2f}" if len(metrics["splits"]) > 1 else f"{mean:.2f}"
+
+
+def results_table(sweep: dict, runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: method, trainable parameters, then one column per dataset (ours / paper)."""
+    columns = list(dict.fromkeys(_column(r) for r in runs))
+    by_row: dict[str, dict[str, dict]] = defaultdict(dict)
+    for run in runs:
+        by_row[run["row"]][_column(run)] = run
+    header = ["Method", "# params", *columns, "Avg"]
+    rows = []
+    for row, cells in by_row.items():
+        first = next(iter(cells.values()))
+        line = [row, f"{first['metrics']['paper_parameters'] / 1000:.0f}K"]
+        ours = []
+        for column in columns:
+            run = cells.get(column)
+            if run is None:
+                line.append("")
+                continue
+            ours.append(100 * run["metrics"]["test_accuracy_mean"])
+            paper = paper_accuracy(sweep["recipe"], row, run["dataset"], run.get("k"))
+            line.append(_cell(run["metrics"]) + (f" ({paper:.2f})" if paper is not None else ""))
+        line.append(f"{sum(ours) / len(ours):.2f}" if ours else "")
+        rows.append(line)
+    return header, rows
+
+
+def write_report(runs_dir: str | Path, out: str | Path, tsne: bool = False) -> Path:
+    sweep, runs = collect(runs_dir)
+    if not runs:
+        raise ValueError(f"no finished runs in {runs_dir}; run `audiopetl reproduce` first")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = results_table(sweep, runs)
+    markdown = [
+        f"# {sweep['title']}",
+        "",
+        "Test accuracy (%) of our runs; the paper's published figure in parentheses where it gives one.",
+        "Parameters: trainable, counted as the paper does (head and final LayerNorm excluded except for Linear).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(markdown))
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["recipe", "row", "dataset", "k", "budget", "paper_parameters", "test_accuracy_mean",
+                         "test_accuracy_std", "paper_accuracy"])
+        for run in runs:
+            metrics = run["metrics"]
+            writer.writerow([
+                sweep["recipe"], run["row"], run["dataset"], run.get("k", ""), run.get("budget", ""),
+                metrics["paper_parameters"], metrics["test_accuracy_mean"], metrics["test_accuracy_std"],
+                paper_accuracy(sweep["recipe"], run["row"], run["dataset"], run.get("k")) or "",
+            ])
+    _plot_accuracy_vs_params(runs, out / "accuracy_vs_params.png")
+    if any("k" in r for r in runs):
+        _plot_few_shot(runs, out / "few_shot.png")
+    if tsne:
+        for run in runs:
+            plot_tsne(Path(runs_dir) / run["id"], out / f"tsne-{run['id'].replace('/', '-')}.png")
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_accuracy_vs_params(runs: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        series: dict[str, list] = defaultdict(list)
+        for run in runs:
+            if run["dataset"] == dataset and "k" not in run:
+                metrics = run["metrics"]
+                series[run["row"]].append((metrics["paper_parameters"], 100 * metrics["test_accuracy_mean"]))
+        for row, points in series.items():
+            points.sort()
+            axis.plot([p for p, _ in points], [a for _, a in points], marker="o", label=row)
+        axis.set(xscale="log", xlabel="trainable parameters", ylabel="test accuracy (%)", title=dataset)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_few_shot(runs: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        series: dict[str, list] = defaultdict(list)
+        for run in runs:
+            if run["dataset"] == dataset:
+                series[run["row"]].append((run["k"], 100 * run["metrics"]["test_accuracy_mean"]))
+        for row, points in series.items():
+            points.sort()
+            axis.plot([k for k, _ in points], [a for _, a in points], marker="o", label=row)
+        axis.set(xscale="log", xlabel="examples per class", ylabel="test accuracy (%)", title=dataset)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
+    """t-SNE of the final [CLS] token on the test split of the run's first split (paper Fig. 2)."""
+    import numpy as np
+    import torch
+    import yaml
+    from sklearn.manifold import TSNE
+
+    from ..data import FeatureCache, get_dataset
+    from ..frontend import FbankConfig
+    from .inference import load_for_inference
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    adapter = sorted(run_dir.glob("*/adapter.safetensors"))[0]
+    model = load_for_inference(adapter, device="cpu")
+    source = get_dataset(config["dataset"])
+    index = source.scan(config["data_root"])
+    split = {s.name: s for s in source.splits(index, protocol=config["protocol"])}[model.metadata["split"]]
+    chosen = [i for i in split.test if index.clips[i].label < max_classes]
+    features, kept, _ = FeatureCache(config["cache_dir"]).features(
+        [index.clips[i].path for i in chosen], FbankConfig.from_dict(model.metadata["frontend"]), progress=False
+    )
+    with torch.no_grad():
+        cls = np.concatenate(
+            [model.backbone(torch.from_numpy(np.ascontiguousarray(features[s : s + 32])))[:, 0].numpy()
+             for s in range(0, len(features), 32)]
+        )
+    labels = np.array([index.clips[chosen[i]].label for i in kept])
+    points = TSNE(n_components=2, perplexity=min(30, max(2, len(cls) - 1) / 3), random_state=0).fit_transform(cls)
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 5))
+    for label in np.unique(labels):
+        mask = labels == label
+        axis.scatter(points[mask, 0], points[mask, 1], s=8, label=index.class_names[label])
+    axis.set(title=f"t-SNE of [CLS]: {run_dir.name}", xticks=[], yticks=[])
+    axis.legend(fontsize=6, markerscale=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,90 @@
+"""The typed configuration of one training run, validated before any work starts.
+
+Everything a run needs is here, with the paper's setup as defaults: AdamW (0.9, 0.98),
+eps 1e-6, weight decay 0.1, cosine schedule per step, learning rate by method family,
+epochs/batch size/clip length by dataset. ``None`` fields mean "the dataset's or the
+method's default" and are filled in by :func:`resolve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .precision import PRECISIONS
+
+# Paper Sec. III-A and the reference hyper-parameters.
+LEARNING_RATES = {"adapter": 5e-3, "prompt": 1e-2, "linear": 1e-3, "full": 5e-5}
+POS_EMBED_MODES = ("adapt", "zeros")
+TINY_BACKBONE = "tiny-random"
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    data_root: str
+    method: Any = "lora"  # preset name, a method dict, or a list of them (combinations)
+    backbone: str = "MIT/ast-finetuned-audioset-10-10-0.4593"
+    pos_embed: str = "adapt"
+    pooling: str = "mean"
+    extra_trainable: tuple[str, ...] = ()
+    protocol: str = "default"
+    folds: tuple[int, ...] | None = None  # which splits of the protocol to run (1-based); None = all
+    few_shot: int | None = None
+    few_shot_seed: int = 0
+    max_frames: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_accum: int = 1
+    specaugment: bool | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    embedding_cache: bool = True  # linear probing: train the head on cached embeddings
+    skip_bad_audio: bool = False
+    cache_dir: str | None = None
+    num_workers: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes stored with the run
+
+    def __post_init__(self) -> None:
+        self.extra_trainable = tuple(self.extra_trainable)
+        self.betas = tuple(self.betas)
+        if self.folds is not None:
+            self.folds = tuple(int(f) for f in self.folds)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("pos_embed", self.pos_embed, POS_EMBED_MODES)
+        for name in ("epochs", "batch_size", "max_frames", "few_shot"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; valid options: {sorted(valid)}")
+        return cls(**values)
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"TrainConfig.{name}={value!r} is not valid; choose one of {list(choices)}")

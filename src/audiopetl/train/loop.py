@@ -1,0 +1,243 @@
+"""The training loop for one split: train, select on validation, test the best weights.
+
+Read it top to bottom: :func:`fit` builds AdamW and a per-step cosine schedule over the
+trainable parameters only, runs the epochs (SpecAugment on the fly, gradient
+accumulation, autocast), evaluates the validation split after each epoch, keeps a copy
+of the best trainable tensors, checkpoints atomically, and finally scores the test split
+with the best weights. ``resume=True`` continues from the split's checkpoint and ends
+exactly where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import copy_state, load_checkpoint, save_checkpoint, write_json
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_accum: int = 1
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class Batches:
+    """Clips ``indices`` of a feature array, served in (optionally shuffled) batches.
+
+    ``inputs`` is anything indexable by a numpy index array: a memory-mapped feature
+    cache (batch, frames, mel) or an embedding table (batch, hidden).
+    """
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def iterate(self, batch_size: int, generator: torch.Generator | None = None):
+        order = self.indices
+        if generator is not None:
+            order = order[torch.randperm(len(order), generator=generator).numpy()]
+        for start in range(0, len(order), batch_size):
+            chunk = np.sort(order[start : start + batch_size])  # sorted reads are kinder to a memmap
+            yield torch.from_numpy(np.ascontiguousarray(self.inputs[chunk])), torch.from_numpy(self.labels[chunk])
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+    )
+
+
+def autocast(settings: LoopSettings):
+    if settings.dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(settings.device.type, dtype=settings.dtype)
+
+
+@torch.no_grad()
+def evaluate(forward: Callable, batches: Batches, settings: LoopSettings) -> dict:
+    """Accuracy and mean loss of ``forward`` on ``batches``; also returns the predictions."""
+    predictions, losses = [], []
+    for inputs, labels in batches.iterate(settings.batch_size):
+        with autocast(settings):
+            logits = forward(inputs.to(settings.device)).float()
+        labels = labels.to(settings.device)
+        losses.append(F.cross_entropy(logits, labels, reduction="sum").item())
+        predictions.append(logits.argmax(-1).cpu())
+    predicted = torch.cat(predictions).numpy() if predictions else np.zeros(0, dtype=np.int64)
+    truth = batches.labels[batches.indices]
+    count = max(1, len(truth))
+    return {
+        "accuracy": float((predicted == truth).mean()) if len(truth) else float("nan"),
+        "loss": sum(losses) / count,
+        "predictions": predicted,
+    }
+
+
+def fit(
+    model: torch.nn.Module,
+    train: Batches,
+    valid: Batches,
+    test: Batches,
+    settings: LoopSettings,
+    run_dir: str | Path,
+    forward: Callable | None = None,
+    augment: Callable | None = None,
+    resume: bool = False,
+) -> dict:
+    """Train ``model`` and return final metrics; writes log, checkpoint and metrics to ``run_dir``.
+
+    ``forward`` maps a batch of inputs to logits (default: ``model``); linear probing on
+    cached embeddings passes its own. ``augment(inputs, generator)`` runs on training
+    batches only.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    forward = forward or model
+    params = [p for p in model.parameters() if p.requires_grad]
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(
+        params, lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
+    )
+    steps_per_epoch = math.ceil(math.ceil(len(train) / settings.batch_size) / settings.grad_accum)
+    scheduler = cosine_schedule(optimizer, settings.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(settings.seed)
+    best = {"accuracy": -1.0, "epoch": 0, "state": copy_state(named)}
+    start_epoch = 1
+
+    checkpoint_path = run_dir / CHECKPOINT
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                named[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        best = state["best"]
+        start_epoch = state["epoch"] + 1
+    elif (run_dir / LOG).exists():
+        (run_dir / LOG).unlink()  # a fresh run must not append to a stale log
+
+    writer = _tensorboard(run_dir) if settings.tensorboard else None
+    for epoch in range(start_epoch, settings.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        total_loss, correct, seen = 0.0, 0, 0
+        steps = math.ceil(len(train) / settings.batch_size)
+        bar = tqdm(
+            train.iterate(settings.batch_size, generator),
+            total=steps,
+            desc=f"{run_dir.name} epoch {epoch}/{settings.epochs}",
+            disable=not settings.progress,
+            leave=False,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        for step, (inputs, labels) in enumerate(bar, start=1):
+            inputs, labels = inputs.to(settings.device), labels.to(settings.device)
+            if augment is not None:
+                inputs = augment(inputs, generator)
+            with autocast(settings):
+                logits = forward(inputs).float()
+            loss = F.cross_entropy(logits, labels)
+            (loss / settings.grad_accum).backward()
+            if step % settings.grad_accum == 0 or step == steps:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            total_loss += loss.item() * len(labels)
+            correct += int((logits.argmax(-1) == labels).sum())
+            seen += len(labels)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", clips_per_s=f"{seen / (time.perf_counter() - started):.1f}")
+        elapsed = time.perf_counter() - started
+
+        model.eval()
+        valid_metrics = evaluate(forward, valid, settings)
+        if valid_metrics["accuracy"] > best["accuracy"]:
+            best = {"accuracy": valid_metrics["accuracy"], "epoch": epoch, "state": copy_state(named)}
+        record = {
+            "epoch": epoch,
+            "train_loss": total_loss / max(1, seen),
+            "train_accuracy": correct / max(1, seen),
+            "valid_loss": valid_metrics["loss"],
+            "valid_accuracy": valid_metrics["accuracy"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "clips_per_s": seen / elapsed if elapsed > 0 else float("nan"),
+            "seconds": elapsed,
+        }
+        with open(run_dir / LOG, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in record.items():
+                writer.add_scalar(key, value, epoch)
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "epoch": epoch,
+                "trainable": copy_state(named),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "best": best,
+            },
+        )
+        if settings.progress:
+            tqdm.write(
+                f"{run_dir.name} epoch {epoch}: loss {record['train_loss']:.4f} "
+                f"valid acc {record['valid_accuracy']:.4f} ({record['clips_per_s']:.1f} clips/s)"
+            )
+    if writer is not None:
+        writer.close()
+
+    with torch.no_grad():
+        for name, tensor in best["state"].items():
+            named[name].copy_(tensor)
+    model.eval()
+    test_metrics = evaluate(forward, test, settings)
+    metrics = {
+        "test_accuracy": test_metrics["accuracy"],
+        "test_loss": test_metrics["loss"],
+        "best_valid_accuracy": best["accuracy"],
+        "best_epoch": best["epoch"],
+        "epochs": settings.epochs,
+        "num_train": len(train),
+        "num_valid": len(valid),
+        "num_test": len(test),
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard") from error
+    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -1,0 +1,167 @@
+"""End-to-end training on a generated dataset: every method family learns, runs are
+resumable, linear probing on cached embeddings equals the plain loop, eval/predict
+reproduce the run's test accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from audiopetl.experiments.inference import evaluate_adapter, predict_files
+from audiopetl.experiments.synthetic import CLASSES, make_synthetic_dataset
+from audiopetl.train import ADAPTER, TrainConfig, resolve, run_training
+from audiopetl.train import loop as loop_module
+
+CHANCE = 1 / len(CLASSES)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), clips_per_class=12, seconds=1.0, seed=1)
+
+
+def config(dataset, tmp_path, **overrides) -> TrainConfig:
+    values = dict(
+        dataset="folder",
+        data_root=str(dataset),
+        backbone="tiny-random",
+        max_frames=100,
+        epochs=6,
+        batch_size=16,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+        device="cpu",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+METHOD_FAMILIES = {
+    "lora": {"method": "lora", "targets": ["q", "v"], "reduction_rate": 16, "alpha": 8.0},
+    "adapter": "bottleneck_pf_par",
+    "convpass": "convpass_hou_par",
+    "prompt": {"method": "prompt", "num_prompts": 4, "deep": True},
+    "prefix": {"method": "prefix", "num_tokens": 4},
+    "bitfit": "bitfit",
+    "linear": "linear",
+    "full": "full",
+}
+
+
+@pytest.mark.parametrize("family", sorted(METHOD_FAMILIES))
+def test_every_method_family_learns_and_writes_a_run_directory(family, dataset, tmp_path):
+    run_dir = tmp_path / family
+    lr = {"full": 1e-3}.get(family)
+    summary = run_training(config(dataset, tmp_path, method=METHOD_FAMILIES[family], lr=lr), run_dir)
+    assert summary["test_accuracy_mean"] > CHANCE + 0.2, summary
+    for name in ("config.yaml", "metrics.json"):
+        assert (run_dir / name).exists()
+    split_dir = next(p for p in run_dir.iterdir() if p.is_dir())
+    for name in ("log.jsonl", "checkpoint.pt", "metrics.json", ADAPTER):
+        assert (split_dir / name).exists(), name
+    log = [json.loads(line) for line in (split_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, 7))
+
+
+def test_eval_and_predict_reproduce_the_runs_test_accuracy(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = run_training(config(dataset, tmp_path, method="bottleneck_pf_par"), run_dir)
+    split = summary["splits"][0]
+    adapter = run_dir / split["split"] / ADAPTER
+    evaluated = evaluate_adapter(adapter, data_root=str(dataset), cache_dir=str(tmp_path / "cache"), device="cpu")
+    assert evaluated["test_accuracy"] == pytest.approx(split["test_accuracy"], abs=1e-9)
+    assert evaluated["num_test"] == split["num_test"]
+    predictions = predict_files(adapter, [dataset], top_k=3, device="cpu")
+    assert len(predictions) == len(CLASSES) * 12
+    assert all(len(p["top_k"]) == 3 and p["label"] in CLASSES for p in predictions)
+    truth = [p["path"].split("/")[-2] for p in predictions]
+    accuracy = np.mean([p["label"] == t for p, t in zip(predictions, truth)])
+    assert accuracy > CHANCE + 0.2
+
+
+def test_resume_after_a_kill_ends_like_an_uninterrupted_run(dataset, tmp_path, monkeypatch):
+    settings = dict(method={"method": "lora", "targets": ["q", "v"], "reduction_rate": 16, "alpha": 8.0}, epochs=4)
+    reference = run_training(config(dataset, tmp_path, **settings), tmp_path / "reference")
+
+    real_save = loop_module.save_checkpoint
+    saves = []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(state["epoch"])
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt("simulated kill after epoch 2")
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config(dataset, tmp_path, **settings), tmp_path / "resumed")
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    resumed = run_training(config(dataset, tmp_path, **settings), tmp_path / "resumed", resume=True)
+
+    assert saves == [1, 2]
+    for ours, theirs in zip(resumed["splits"], reference["splits"]):
+        for key in ("test_accuracy", "test_loss", "best_valid_accuracy", "best_epoch"):
+            assert ours[key] == theirs[key], key
+    log = (tmp_path / "resumed" / resumed["splits"][0]["split"] / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3, 4]
+
+
+def test_linear_probe_on_cached_embeddings_equals_the_plain_loop(dataset, tmp_path):
+    cached = run_training(config(dataset, tmp_path, method="linear", embedding_cache=True), tmp_path / "cached")
+    plain = run_training(config(dataset, tmp_path, method="linear", embedding_cache=False), tmp_path / "plain")
+    for a, b in zip(cached["splits"], plain["splits"]):
+        assert a["test_accuracy"] == b["test_accuracy"]
+        assert a["best_valid_accuracy"] == b["best_valid_accuracy"]
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+    from audiopetl.petl import load_adapter
+
+    heads = [load_adapter(p / cached["splits"][0]["split"] / ADAPTER).head.weight for p in (tmp_path / "cached", tmp_path / "plain")]
+    torch.testing.assert_close(heads[0], heads[1], atol=1e-4, rtol=1e-3)
+
+
+def test_best_checkpoint_is_a_copy_not_the_live_weights(dataset, tmp_path):
+    """The test score must come from the best epoch's weights even when later epochs differ."""
+    summary = run_training(config(dataset, tmp_path, method="bottleneck_pf_par", epochs=3, lr=0.5), tmp_path / "r")
+    split = summary["splits"][0]
+    log = [json.loads(x) for x in (tmp_path / "r" / split["split"] / "log.jsonl").read_text().splitlines()]
+    best = max(log, key=lambda r: r["valid_accuracy"])
+    assert split["best_epoch"] == best["epoch"]
+    assert split["best_valid_accuracy"] == best["valid_accuracy"]
+
+
+def test_resolve_fills_paper_defaults(dataset, tmp_path):
+    resolved = resolve(TrainConfig(dataset="esc50", data_root="x", method="lora"))
+    assert (resolved.max_frames, resolved.epochs, resolved.batch_size, resolved.lr) == (500, 50, 32, 5e-3)
+    assert resolved.specaugment is True
+    assert resolve(TrainConfig(dataset="gsc", data_root="x", method="dpt")).lr == 1e-2
+    assert resolve(TrainConfig(dataset="fsc", data_root="x", method="linear")).lr == 1e-3
+    assert resolve(TrainConfig(dataset="us8k", data_root="x", method="full")).lr == 5e-5
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"precision": "fp16"}, "precision"),
+        ({"pos_embed": "random"}, "pos_embed"),
+        ({"epochs": 0}, "epochs"),
+        ({"bogus": 1}, "unknown training options"),
+    ],
+)
+def test_invalid_options_fail_at_start_with_the_valid_choices(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict({"dataset": "esc50", "data_root": "x", **options})
+
+
+def test_unknown_dataset_and_method_list_the_valid_names():
+    with pytest.raises(ValueError, match="esc50"):
+        resolve(TrainConfig(dataset="esc-51", data_root="x"))
+    with pytest.raises(ValueError, match="lora"):
+        resolve(TrainConfig(dataset="esc50", data_root="x", method="lorra"))
+
+
+def test_missing_data_root_says_what_was_expected(tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError), match="esc50|ESC-50|meta"):
+        run_training(TrainConfig(dataset="esc50", data_root=str(tmp_path / "nope"), backbone="tiny-random"), tmp_path / "r")
