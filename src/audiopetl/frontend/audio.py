@@ -1,0 +1,58 @@
+"""Audio loading: any file soundfile can decode becomes a float32 mono waveform at the
+requested sample rate, or an `AudioError` that says which file and why.
+
+`check_waveform` holds the sanity checks so callers that obtain waveforms some other way
+(e.g. the data layer's caches) reject exactly the same things.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+# Peak amplitude (full scale = 1.0) below which a clip counts as silent; far below the
+# quietest non-zero 24-bit sample, so only digital silence trips it.
+SILENCE_PEAK = 1e-8
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used; `.path` names it and `.reason` says why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot use audio file '{self.path}': {reason}")
+
+
+def check_waveform(wave: np.ndarray, path: str | os.PathLike, allow_silent: bool = False) -> None:
+    """Raise `AudioError` if `wave` is empty, holds NaN/Inf, or (unless allowed) is silent."""
+    if wave.size == 0:
+        raise AudioError(path, "it contains no samples")
+    if not np.isfinite(wave).all():
+        raise AudioError(path, "it contains NaN or infinite samples")
+    if not allow_silent and float(np.abs(wave).max()) < SILENCE_PEAK:
+        raise AudioError(path, "it is silent (all samples are zero)")
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000, allow_silent: bool = False) -> np.ndarray:
+    """Decode `path` to a float32 mono waveform at `sample_rate` Hz, scaled to [-1, 1].
+
+    Channels are averaged; other sample rates are resampled with soxr's HQ filter.
+    """
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if not Path(path).is_file():
+        raise AudioError(path, "no such file")
+    try:
+        data, file_rate = sf.read(path, dtype="float32", always_2d=True)
+    except RuntimeError as error:  # soundfile's decode errors all derive from RuntimeError
+        raise AudioError(path, f"cannot decode it ({error})") from error
+    wave = data.mean(axis=1, dtype=np.float32)
+    check_waveform(wave, path, allow_silent=allow_silent)
+    if file_rate != sample_rate:
+        wave = soxr.resample(wave, file_rate, sample_rate, quality="HQ")
+    return np.ascontiguousarray(wave, dtype=np.float32)
