@@ -1,0 +1,264 @@
+"""The feature cache: decode, resample and filterbank a list of files once per (files,
+frontend settings), store the result as a memory-mapped float32 array, and reuse it.
+
+An entry is `<key>.f32` (raw rows of (max_frames, num_mel_bins)) plus `<key>.json`, its
+manifest, under `<cache dir>/features/`. The key hashes every file's path, size and
+mtime (ns) with the frontend settings, so a touched file or a changed setting gives a new
+entry. The data file is built under a temporary name, fsynced and renamed; the manifest
+is written the same way and last. Only an entry with a manifest is trusted, so a build
+that dies halfway leaves nothing a later run would use.
+
+Unusable files (undecodable, empty, NaN/Inf, silent) are recorded in the manifest, so a
+rerun reports them, or skips them, without decoding anything again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..frontend import AudioError, Fbank, FbankConfig, load_audio
+
+CACHE_ENV = "AUDIOPETL_CACHE"
+FORMAT = 1  # bump when the stored layout or the meaning of a key changes
+BATCH = 32  # clips per filterbank call: enough to amortise, small enough for 2-core laptops
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "audiopetl")
+
+
+class BadAudioError(ValueError):
+    """Audio files that cannot be used; `.bad` lists every (path, reason)."""
+
+    def __init__(self, bad: Sequence[tuple[str, str]]):
+        self.bad = list(bad)
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in self.bad)
+        super().__init__(
+            f"{len(self.bad)} audio file(s) cannot be used; fix or remove them, or skip them "
+            f"(skip_bad_audio=True, `--skip-bad-audio`):\n{listing}"
+        )
+
+
+def write_bad_audio_report(path: str | os.PathLike, bad: Sequence[tuple[str, str]]) -> Path:
+    """Write one `path<TAB>reason` line per skipped file, for keeping next to results."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {len(bad)} audio file(s) skipped: path<TAB>reason"] + [f"{p}\t{reason}" for p, reason in bad]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclass
+class CacheEntry:
+    """One cached feature set, as `audiopetl cache ls` shows it."""
+
+    key: str
+    path: Path
+    size_bytes: int
+    created: float  # Unix time
+    source: str  # the folder the files share
+    num_clips: int
+    num_bad: int
+    frontend: dict
+
+    def __str__(self) -> str:
+        date = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created))
+        return (
+            f"{self.key[:16]}  {self.size_bytes / 2**20:9.1f} MiB  {date}  {self.num_clips} clips"
+            f" ({self.num_bad} bad), {self.frontend['max_frames']} frames  {self.source}"
+        )
+
+
+class FeatureCache:
+    """Filterbank features of audio files, computed once and memory-mapped afterwards."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.root = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.dir = self.root / "features"
+
+    def key(self, paths: Sequence[str], config: FbankConfig) -> str:
+        """Content hash of the files' identities (path, size, mtime ns) and the settings."""
+        files = []
+        for path in paths:
+            try:
+                stat = os.stat(path)
+                files.append([path, stat.st_size, stat.st_mtime_ns])
+            except OSError:
+                files.append([path, None, None])  # missing: reported as bad when built
+        blob = json.dumps({"format": FORMAT, "frontend": config.to_dict(), "files": files}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def features(
+        self, paths: Sequence[str | os.PathLike], config: FbankConfig, skip_bad_audio: bool = False,
+        progress: bool = True,
+    ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+        """(features (N_good, max_frames, num_mel_bins) float32, kept indices, bad (path, reason)).
+
+        Raises `BadAudioError` listing every bad file unless `skip_bad_audio`.
+        """
+        paths = [os.path.abspath(p) for p in paths]
+        key = self.key(paths, config)
+        manifest = self._trusted_manifest(key) or self._build(key, paths, config, progress)
+        bad = [(paths[i], reason) for i, reason in manifest["bad"]]
+        if bad and not skip_bad_audio:
+            raise BadAudioError(bad)
+        bad_indices = {i for i, _ in manifest["bad"]}
+        kept = [i for i in range(len(paths)) if i not in bad_indices]
+        shape = (len(kept), config.max_frames, config.num_mel_bins)
+        if not kept:  # numpy cannot memory-map an empty file
+            return np.zeros(shape, dtype=np.float32), kept, bad
+        return np.memmap(self.dir / f"{key}.f32", dtype=np.float32, mode="r", shape=shape), kept, bad
+
+    def _trusted_manifest(self, key: str) -> dict | None:
+        try:
+            manifest = json.loads((self.dir / f"{key}.json").read_text())
+            size = (self.dir / f"{key}.f32").stat().st_size
+        except (OSError, ValueError):
+            return None
+        if manifest.get("format") != FORMAT or manifest.get("size_bytes") != size:
+            return None
+        return manifest
+
+    def _build(self, key: str, paths: list[str], config: FbankConfig, progress: bool) -> dict:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # An old manifest must not vouch for a data file that is about to be replaced.
+        (self.dir / f"{key}.json").unlink(missing_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f"{key}.", suffix=".tmp", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                bad = _compute(paths, config, out, progress)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, self.dir / f"{key}.f32")
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        manifest = {
+            "format": FORMAT,
+            "key": key,
+            "created": time.time(),
+            "source": os.path.commonpath(paths) if paths else "",
+            "num_clips": len(paths),
+            "bad": bad,
+            "frontend": config.to_dict(),
+            "size_bytes": (self.dir / f"{key}.f32").stat().st_size,
+        }
+        _write_atomic(self.dir / f"{key}.json", json.dumps(manifest, indent=1).encode())
+        return manifest
+
+
+@torch.no_grad()
+def _compute(paths: list[str], config: FbankConfig, out, progress: bool) -> list[tuple[int, str]]:
+    """Write the features of every decodable file to `out`, in order; return the bad ones."""
+    fbank = Fbank(config)
+    bad: list[tuple[int, str]] = []
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        lengths = torch.tensor([len(w) for w in pending])
+        waves = torch.nn.utils.rnn.pad_sequence(pending, batch_first=True)
+        out.write(fbank(waves, lengths=lengths).numpy().astype(np.float32, copy=False).tobytes())
+        pending.clear()
+
+    # Decoding stays in this loop (no worker processes): on 2 cores they would only compete.
+    for i, path in enumerate(tqdm(paths, desc="computing features", unit="clip", disable=not progress)):
+        try:
+            wave = load_audio(path, sample_rate=config.sample_rate)
+        except AudioError as error:
+            bad.append((i, error.reason))
+            continue
+        pending.append(torch.from_numpy(wave[: config.max_samples]))  # later samples never reach a frame
+        if len(pending) == BATCH:
+            flush()
+    if pending:
+        flush()
+    return bad
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, temp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def list_cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry]:
+    """Complete cache entries, oldest first."""
+    cache = FeatureCache(cache_dir)
+    entries = []
+    for manifest_path in sorted(cache.dir.glob("*.json")) if cache.dir.is_dir() else []:
+        manifest = cache._trusted_manifest(manifest_path.stem)
+        if manifest is not None:
+            entries.append(
+                CacheEntry(
+                    key=manifest["key"],
+                    path=cache.dir / f"{manifest['key']}.f32",
+                    size_bytes=manifest["size_bytes"],
+                    created=manifest["created"],
+                    source=manifest["source"],
+                    num_clips=manifest["num_clips"],
+                    num_bad=len(manifest["bad"]),
+                    frontend=manifest["frontend"],
+                )
+            )
+    return sorted(entries, key=lambda entry: entry.created)
+
+
+def clear_cache(cache_dir: str | os.PathLike | None = None, key: str | None = None) -> int:
+    """Delete every entry (and leftovers of interrupted builds), or the one whose key starts
+    with `key`; returns how many entries were removed."""
+    cache = FeatureCache(cache_dir)
+    if not cache.dir.is_dir():
+        if key is not None:
+            raise ValueError(f"no cache entry {key!r}: the cache at {cache.dir} is empty")
+        return 0
+    keys = sorted({path.name.split(".")[0] for path in cache.dir.iterdir()})
+    if key is not None:
+        matches = [k for k in keys if k.startswith(key)]
+        if len(matches) != 1:
+            found = "no" if not matches else "several"
+            raise ValueError(f"{found} cache entries match {key!r}; entries: {[k[:16] for k in keys]}")
+        keys = matches
+    removed = 0
+    for k in keys:
+        removed += (cache.dir / f"{k}.json").exists()
+        # Manifest first: once it is gone no reader trusts the data file.
+        for path in sorted(cache.dir.glob(f"{k}.*"), key=lambda p: p.suffix != ".json"):
+            path.unlink(missing_ok=True)
+    return removed
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Rows `indices` of a feature array as (features tensor, label) pairs;
+    `labels` is aligned with the array's rows."""
+
+    def __init__(self, features: np.ndarray, labels: Sequence[int] | np.ndarray, indices: Sequence[int] | np.ndarray):
+        if len(labels) != len(features):
+            raise ValueError(f"{len(labels)} labels for {len(features)} feature rows")
+        self.features = features
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        row = self.indices[item]
+        return torch.from_numpy(np.array(self.features[row])), int(self.labels[row])
