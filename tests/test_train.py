@@ -54,7 +54,7 @@ METHOD_FAMILIES = {
 @pytest.mark.parametrize("family", sorted(METHOD_FAMILIES))
 def test_every_method_family_learns_and_writes_a_run_directory(family, dataset, tmp_path):
     run_dir = tmp_path / family
-    lr = {"full": 1e-3}.get(family)
+    lr = {"full": 1e-3, "linear": 3e-2}.get(family)
     summary = run_training(config(dataset, tmp_path, method=METHOD_FAMILIES[family], lr=lr), run_dir)
     assert summary["test_accuracy_mean"] > CHANCE + 0.2, summary
     for name in ("config.yaml", "metrics.json"):

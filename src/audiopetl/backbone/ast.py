@@ -268,7 +268,8 @@ class AST(nn.Module):
         """Hidden sequence after the last block, before the final LayerNorm."""
         x = self.embed(features)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Gated on grad mode, not self.training: PETL keeps a frozen backbone in eval mode while training.
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)

@@ -69,7 +69,7 @@ _UNSET = argparse.SUPPRESS
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..train.config import POS_EMBED_MODES
+    from ..backbone import POS_EMBED_MODES
     from ..train.precision import PRECISIONS
 
     parser.add_argument("--config", type=Path, help="YAML file of training options; flags override it")
@@ -228,12 +228,18 @@ def run_params(args: argparse.Namespace) -> None:
     from ..backbone import ASTConfig
     from ..petl import format_parameter_table, parameter_table
 
-    if args.backbone_config == "vit-b":
-        config = ASTConfig(max_frames=args.max_frames)
-    else:
-        from ..backbone import config_from_hf
+    config = ASTConfig(max_frames=args.max_frames)
+    if args.backbone_config != "vit-b":
+        import dataclasses
+        import json
 
-        config = config_from_hf(args.backbone_config, max_frames=args.max_frames)
+        from ..backbone.checkpoint import config_from_transformers
+
+        path = Path(args.backbone_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--backbone-config: no such config.json {str(path)!r}")
+        values = json.loads(path.read_text())
+        config = dataclasses.replace(config_from_transformers(values, source=str(path)), max_frames=args.max_frames)
     print(format_parameter_table(parameter_table(config, num_classes=args.num_classes)))
 
 
@@ -335,8 +341,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-run"), help="folder for data, runs and adapters")
     parser.add_argument("--backbone", default="tiny-random",
                         help="'tiny-random' (offline, random weights) or a hub id / folder for real weights")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 12 (tiny) / 3 (real backbone)")
-    parser.add_argument("--clips-per-class", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=None, help="default: 20 (tiny) / 3 (real backbone)")
+    parser.add_argument("--clips-per-class", type=int, default=32)
 
 
 def run_demo(args: argparse.Namespace) -> None:

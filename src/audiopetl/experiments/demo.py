@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..backbone import TINY_RANDOM
+from ..backbone.presets import TINY_RANDOM
+from ..data import get_dataset
 from ..train import ADAPTER, TrainConfig, run_training
 from .inference import predict_files
 from .synthetic import CLASSES, make_synthetic_dataset
@@ -26,7 +27,7 @@ def run_demo(
     out: str | Path,
     backbone: str = TINY_RANDOM,
     epochs: int | None = None,
-    clips_per_class: int = 24,
+    clips_per_class: int = 32,
     progress: bool = True,
 ) -> dict:
     """Run the demo into ``out``; returns {method: summary} for the trained methods."""
@@ -48,7 +49,7 @@ def run_demo(
             method=method,
             backbone=backbone,
             max_frames=100,
-            epochs=epochs or (12 if tiny else 3),
+            epochs=epochs or (20 if tiny else 3),
             batch_size=16,
             cache_dir=str(out / "cache"),
             progress=progress,
@@ -61,8 +62,18 @@ def run_demo(
         )
     adapter = next((out / "runs" / "lora").glob(f"*/{ADAPTER}"))
     size_kb = adapter.stat().st_size / 1024
-    print(f"\nadapter file {adapter} ({size_kb:.0f} KB); reloading it and labelling one clip per class:")
-    clips = [next((data / label).glob("*.wav")) for label in CLASSES]
-    for item in predict_files(adapter, clips, top_k=1, device="cpu"):
+    print(f"\nadapter file {adapter} ({size_kb:.0f} KB); reloading it and labelling one test clip per class:")
+    for item in predict_files(adapter, _one_test_clip_per_class(data), top_k=1, device="cpu"):
         print(f"  {Path(item['path']).name:24s} -> {item['label']} ({item['top_k'][0]['score']:.2f})")
     return results
+
+
+def _one_test_clip_per_class(data: Path) -> list[str]:
+    """Clips the models never trained on: the first test clip of each class."""
+    source = get_dataset("folder")
+    index = source.scan(data)
+    (split,) = source.splits(index)
+    first = {}
+    for i in split.test:
+        first.setdefault(index.clips[i].label, index.clips[i].path)
+    return [first[label] for label in sorted(first)]

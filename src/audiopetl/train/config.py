@@ -12,12 +12,11 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..backbone import POS_EMBED_MODES
 from .precision import PRECISIONS
 
 # Paper Sec. III-A and the reference hyper-parameters.
 LEARNING_RATES = {"adapter": 5e-3, "prompt": 1e-2, "linear": 1e-3, "full": 5e-5}
-POS_EMBED_MODES = ("adapt", "zeros")
-TINY_BACKBONE = "tiny-random"
 
 
 @dataclass

@@ -28,7 +28,7 @@ def pooled_embeddings(backbone: AST, features: np.ndarray, pooling: str, setting
     for start in tqdm(
         range(0, len(features), settings.batch_size), desc="embeddings", disable=not settings.progress, leave=False
     ):
-        batch = torch.from_numpy(np.ascontiguousarray(features[start : start + settings.batch_size]))
+        batch = torch.from_numpy(np.array(features[start : start + settings.batch_size]))  # copy: the cache is read-only
         with autocast(settings):
             hidden = backbone.encode(batch.to(settings.device)).float()
         normalised = F.layer_norm(hidden, norm.normalized_shape, eps=norm.eps)
