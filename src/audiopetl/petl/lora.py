@@ -1,0 +1,90 @@
+"""LoRA: a frozen projection plus a trainable, scaled low-rank update (paper Eq. 5).
+
+``LoRALinear`` wraps one ``nn.Linear`` (kept as ``.base`` so fingerprints read its
+weights under the plain name); :func:`inject_lora` puts one on every named projection
+of every block through ``Block.replace_linear``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone.ast import AST
+from .config import LoRAConfig
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + scaling * x A B``, with A: (in, r), B: (r, out).
+
+    ``lora_down`` holds A and ``lora_up`` holds B, stored as ``nn.Linear`` weights
+    ((out, in) layout). A is initialised as ``nn.Linear`` would (kaiming-uniform,
+    a=sqrt(5)) and B with zeros, so the wrapped layer starts as the pre-trained one.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float) -> None:
+        super().__init__()
+        if rank > min(base.in_features, base.out_features):
+            raise ValueError(f"LoRA rank {rank} exceeds the projection size {tuple(base.weight.shape)}")
+        self.base = base
+        self.scaling = scaling
+        self.lora_down = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_up @ self.lora_down) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:  # the update already lives in base.weight
+            return out
+        low_rank = F.linear(F.linear(x, self.lora_down), self.lora_up)
+        return out + low_rank * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the frozen weight: inference then costs nothing extra."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.lora_down.shape[0]}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def lora_rank(config: LoRAConfig, hidden_size: int) -> int:
+    rank = hidden_size // config.reduction_rate
+    if rank < 1:
+        raise ValueError(
+            f"LoRAConfig.reduction_rate={config.reduction_rate} leaves no rank for hidden size {hidden_size}; "
+            f"use at most {hidden_size}"
+        )
+    return rank
+
+
+def inject_lora(backbone: AST, config: LoRAConfig) -> list[nn.Module]:
+    """Wrap ``config.targets`` of every block; returns the new modules."""
+    rank = lora_rank(config, backbone.config.hidden_size)
+    added = []
+    for block in backbone.blocks:
+        for target in config.targets:
+            base = block.linear(target)
+            if not isinstance(base, nn.Linear):
+                raise ValueError(
+                    f"projection {target!r} is already wrapped ({type(base).__name__}); one LoRA per projection"
+                )
+            wrapped = LoRALinear(base, rank, config.scaling)
+            block.replace_linear(target, wrapped)
+            added.append(wrapped)
+    return added

@@ -1,0 +1,243 @@
+"""``build_model``: a backbone plus one or more method configs -> a :class:`PETLModel`.
+
+Building has three steps, kept apart as in PEFT: (1) pick the backbone tensors the
+methods train (on the plain backbone), (2) inject the new modules through the AST's
+extension points, (3) freeze everything else. Every model also trains a linear head on
+the pooled output and the final LayerNorm, as the reference implementation does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..backbone.ast import AST, POOLINGS, pool
+from .adapters import adapter_norms, inject_adapters
+from .config import (
+    AdapterConfig,
+    BitFitConfig,
+    FullFinetuneConfig,
+    LinearProbeConfig,
+    LoRAConfig,
+    MethodConfig,
+    PrefixConfig,
+    PromptConfig,
+)
+from .finetune import bitfit_parameters, extra_parameters, full_parameters, linear_parameters
+from .lora import LoRALinear, inject_lora
+from .prompts import inject_prefix, inject_prompts
+from .registry import resolve_methods
+
+# Per config class: backbone parameters it trains, and the modules it injects.
+SELECT: dict[type, Callable[[AST, Any], list[nn.Parameter]]] = {
+    FullFinetuneConfig: full_parameters,
+    LinearProbeConfig: linear_parameters,
+    BitFitConfig: bitfit_parameters,
+    AdapterConfig: adapter_norms,
+}
+INJECT: dict[type, Callable[[AST, Any], list[nn.Module]]] = {
+    PromptConfig: inject_prompts,
+    PrefixConfig: inject_prefix,
+    LoRAConfig: inject_lora,
+    AdapterConfig: inject_adapters,
+}
+
+
+class PETLModel(nn.Module):
+    """Frozen backbone + method modules + linear head: features (batch, frames, mel) -> logits.
+
+    ``train(mode)`` switches only the head and the injected modules (the whole backbone for
+    full fine-tuning): the frozen backbone stays in eval mode during training.
+    """
+
+    def __init__(
+        self,
+        backbone: AST,
+        head: nn.Linear,
+        methods: tuple[MethodConfig, ...],
+        injected: list[nn.Module],
+        pooling: str,
+        extra_trainable: tuple[str, ...],
+        class_names: list[str] | None,
+        metadata: dict,
+        backbone_record: dict,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.methods = methods
+        self._injected = injected  # a plain list: these modules are registered inside the backbone
+        self.pooling = pooling
+        self.extra_trainable = extra_trainable
+        self.class_names = class_names
+        self.metadata = metadata
+        # What the adapter file records to rebuild and check the backbone: source, config, fingerprint.
+        self.backbone_record = backbone_record
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def hidden(self, features: torch.Tensor) -> torch.Tensor:
+        """Output token sequence after the final LayerNorm, (batch, tokens, hidden)."""
+        return self.backbone(features)
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled embedding fed to the head, (batch, hidden)."""
+        return pool(self.hidden(features), self.pooling)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(features))
+
+    def train(self, mode: bool = True) -> "PETLModel":
+        super().train(mode)
+        if not any(isinstance(m, FullFinetuneConfig) for m in self.methods):
+            self.backbone.train(False)
+            for module in self._injected:
+                module.train(mode)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        """Every trained parameter, head and final LayerNorm included."""
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def paper_parameter_count(self) -> int:
+        """Trained parameters as the paper counts them.
+
+        The head and final LayerNorm are left out, except for linear probing and full
+        fine-tuning where they are (part of) what the method trains.
+        """
+        if any(isinstance(m, (FullFinetuneConfig, LinearProbeConfig)) for m in self.methods):
+            return self.num_trainable()
+        shared = {id(p) for p in (*self.head.parameters(), *self.backbone.norm.parameters())}
+        return sum(p.numel() for p in self.trainable_parameters() if id(p) not in shared)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, by their names in this model: what an adapter file holds."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def lora_layers(self) -> list[LoRALinear]:
+        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
+    def merge_lora(self) -> None:
+        """Fold every LoRA update into its frozen weight (inference only: training needs unmerged)."""
+        layers = self.lora_layers()
+        if not layers:
+            raise ValueError("this model has no LoRA layers to merge")
+        for layer in layers:
+            layer.merge()
+
+    def unmerge_lora(self) -> None:
+        layers = self.lora_layers()
+        if not layers:
+            raise ValueError("this model has no LoRA layers to unmerge")
+        for layer in layers:
+            layer.unmerge()
+
+    def save_adapter(self, path: str | Path, extra_metadata: dict | None = None) -> Path:
+        from .files import save_adapter
+
+        return save_adapter(self, path, extra_metadata)
+
+
+def build_model(
+    backbone: AST,
+    method: MethodConfig | str | Sequence,
+    num_classes: int,
+    pooling: str = "mean",
+    extra_trainable: Sequence[str] = (),
+    class_names: Sequence[str] | None = None,
+    metadata: dict | None = None,
+) -> PETLModel:
+    """Apply ``method`` (a config, preset name, method dict, or a list for a combination).
+
+    The backbone is modified in place (pass ``copy.deepcopy(backbone)`` to keep it) and must
+    not hold PETL modules already.
+    """
+    methods = resolve_methods(method)
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; valid: {list(POOLINGS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"got {len(class_names)} class names for num_classes={num_classes}")
+    _check_plain(backbone)
+    metadata = dict(metadata or {})
+    record = _backbone_record(backbone, metadata)
+
+    trained = list(extra_parameters(backbone, extra_trainable))
+    trained += backbone.norm.parameters()
+    for config in methods:
+        if type(config) in SELECT:
+            trained += SELECT[type(config)](backbone, config)
+
+    reference = backbone.pos_embed
+    injected: list[nn.Module] = []
+    with torch.device(reference.device):
+        for config in methods:
+            if type(config) in INJECT:
+                injected += INJECT[type(config)](backbone, config)
+        head = nn.Linear(backbone.config.hidden_size, num_classes)
+    for module in (*injected, head):
+        module.to(dtype=reference.dtype)
+
+    backbone.requires_grad_(False)
+    for param in trained:
+        param.requires_grad_(True)
+    for module in injected:
+        for name, param in module.named_parameters():
+            # LoRA keeps the frozen projection inside its wrapper; it stays as selected above.
+            if not name.startswith("base."):
+                param.requires_grad_(True)
+
+    model = PETLModel(
+        backbone,
+        head,
+        methods,
+        injected,
+        pooling,
+        tuple(extra_trainable),
+        list(class_names) if class_names is not None else None,
+        metadata,
+        record,
+    )
+    return model.train()
+
+
+def _check_plain(backbone: AST) -> None:
+    for index, block in enumerate(backbone.blocks):
+        taps = [block.mhsa, block.ffn]
+        wrapped = [n for n in block.LINEARS if not isinstance(block.linear(n), nn.Linear)]
+        if (
+            any(len(t.input_transforms) + len(t.output_transforms) + len(t.branches) for t in taps)
+            or block.insert_tokens is not None
+            or block.attn.prefix is not None
+            or wrapped
+        ):
+            raise ValueError(
+                f"backbone block {index} already holds PETL modules; build each model from a fresh "
+                "backbone (e.g. copy.deepcopy of the loaded one)"
+            )
+
+
+def _backbone_record(backbone: AST, metadata: dict) -> dict:
+    """Source, config and weight fingerprint of the pre-trained backbone, taken before training."""
+    report = getattr(backbone, "load_report", None)
+    fingerprint = None
+    if backbone.pos_embed.device.type != "meta":  # meta models (parameter counting) have no weights
+        from ..backbone.checkpoint import fingerprint_state_dict
+
+        fingerprint = fingerprint_state_dict(backbone.state_dict())
+    return {
+        "source": getattr(backbone, "source", None) or metadata.get("backbone"),
+        "config": backbone.config.to_dict(),
+        "pos_embed": getattr(report, "pos_embed", None) or metadata.get("pos_embed", "adapt"),
+        "fingerprint": fingerprint,
+    }

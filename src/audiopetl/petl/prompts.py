@@ -1,0 +1,81 @@
+"""Prompt tuning (shallow SPT, deep DPT) and prefix tuning.
+
+Prompts are tokens placed at positions ``[NUM_SPECIAL_TOKENS, NUM_SPECIAL_TOKENS + p)``,
+right after [CLS] and the distillation token, through ``Block.insert_tokens``. SPT inserts
+``p`` prompts before the first layer; DPT inserts before the first layer and, before each
+later layer, overwrites those positions with that layer's own fresh prompts (VPT-deep).
+Prefix tuning gives every layer's attention ``p / 2`` extra keys and ``p / 2`` extra values
+through ``Attention.prefix``.
+
+All are initialised uniform(-v, v), v = sqrt(6 / (patch_size**2 + hidden)), VPT's xavier-style
+bound with one input channel (spectrograms, not RGB).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..backbone.ast import AST, NUM_SPECIAL_TOKENS, ASTConfig
+from .config import PrefixConfig, PromptConfig
+
+
+def _init_bound(config: ASTConfig) -> float:
+    return math.sqrt(6.0 / (config.patch_size**2 + config.hidden_size))
+
+
+class PromptTokens(nn.Module):
+    """Inserts (``replace=False``) or overwrites (``replace=True``) the prompt positions."""
+
+    def __init__(self, num_prompts: int, dim: int, bound: float, replace: bool) -> None:
+        super().__init__()
+        self.prompts = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))
+        self.replace = replace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prompts = self.prompts.expand(len(x), -1, -1).to(x.dtype)
+        start = NUM_SPECIAL_TOKENS
+        rest = x[:, start + prompts.shape[1] :] if self.replace else x[:, start:]
+        return torch.cat([x[:, :start], prompts, rest], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"num_prompts={self.prompts.shape[1]}, replace={self.replace}"
+
+
+class PrefixKV(nn.Module):
+    """Learned keys and values, (1, p / 2, hidden) each, returned per batch for ``Attention.prefix``."""
+
+    def __init__(self, num_tokens: int, dim: int, bound: float) -> None:
+        super().__init__()
+        self.keys = nn.Parameter(torch.empty(1, num_tokens // 2, dim).uniform_(-bound, bound))
+        self.values = nn.Parameter(torch.empty(1, num_tokens // 2, dim).uniform_(-bound, bound))
+
+    def forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys.expand(batch, -1, -1), self.values.expand(batch, -1, -1)
+
+
+def inject_prompts(backbone: AST, config: PromptConfig) -> list[nn.Module]:
+    """Prompt modules on the first block (SPT) or on every block (DPT); returns them."""
+    dim, bound = backbone.config.hidden_size, _init_bound(backbone.config)
+    blocks = backbone.blocks if config.deep else backbone.blocks[:1]
+    added = []
+    for index, block in enumerate(blocks):
+        if block.insert_tokens is not None:
+            raise ValueError(f"block {index} already holds prompt tokens; a model takes one prompt method")
+        block.insert_tokens = PromptTokens(config.num_prompts, dim, bound, replace=index > 0)
+        added.append(block.insert_tokens)
+    return added
+
+
+def inject_prefix(backbone: AST, config: PrefixConfig) -> list[nn.Module]:
+    """A :class:`PrefixKV` in every block's attention; returns them."""
+    dim, bound = backbone.config.hidden_size, _init_bound(backbone.config)
+    added = []
+    for index, block in enumerate(backbone.blocks):
+        if block.attn.prefix is not None:
+            raise ValueError(f"block {index} already holds a prefix; a model takes one prefix method")
+        block.attn.prefix = PrefixKV(config.num_tokens, dim, bound)
+        added.append(block.attn.prefix)
+    return added
