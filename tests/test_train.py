@@ -165,3 +165,36 @@ def test_unknown_dataset_and_method_list_the_valid_names():
 def test_missing_data_root_says_what_was_expected(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="esc50|ESC-50|meta"):
         run_training(TrainConfig(dataset="esc50", data_root=str(tmp_path / "nope"), backbone="tiny-random"), tmp_path / "r")
+
+
+def test_bf16_keeps_frozen_weights_in_bf16_and_trained_ones_in_fp32():
+    from audiopetl.backbone import load_backbone
+    from audiopetl.petl import build_model, resolve_methods
+
+    model = build_model(load_backbone("tiny-random", max_frames=100), resolve_methods("bottleneck_pf_par"), num_classes=6)
+    features = torch.randn(2, 100, 128)
+    reference = model(features)
+    model.cast_frozen(torch.bfloat16)
+    for name, param in model.named_parameters():
+        expected = torch.float32 if param.requires_grad or param.dim() < 2 else torch.bfloat16
+        assert param.dtype == expected, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(features).float()
+    torch.testing.assert_close(logits, reference, atol=0.05, rtol=0.05)
+    optimizer = torch.optim.AdamW(model.trainable_parameters())
+    logits.sum().backward()
+    optimizer.step()
+    assert all(p.grad.dtype == torch.float32 for p in model.trainable_parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+
+
+def test_bf16_training_reaches_the_fp32_accuracy(dataset, tmp_path):
+    """Frozen weights in bf16 + autocast must not cost accuracy (on CPUs without fast bf16
+    this run is slow, so it is small)."""
+    method = {"method": "lora", "targets": ["q", "v"], "reduction_rate": 16, "alpha": 8.0}
+    results = {
+        precision: run_training(config(dataset, tmp_path, method=method, precision=precision), tmp_path / precision)
+        for precision in ("fp32", "bf16")
+    }
+    assert results["bf16"]["test_accuracy_mean"] > CHANCE + 0.2
+    assert abs(results["bf16"]["test_accuracy_mean"] - results["fp32"]["test_accuracy_mean"]) <= 0.15

@@ -119,6 +119,20 @@ class PETLModel(nn.Module):
         shared = {id(p) for p in (*self.head.parameters(), *self.backbone.norm.parameters())}
         return sum(p.numel() for p in self.trainable_parameters() if id(p) not in shared)
 
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Store the frozen weight matrices (and tokens/position table) in ``dtype``.
+
+        With bf16 autocast a frozen matrix needs no fp32 master copy: keeping it in bf16
+        halves its memory and saves a cast every step. Trained parameters (and so the
+        optimizer state) stay fp32, and so do frozen vectors: CPU LayerNorm refuses
+        mixed-dtype parameters, and biases and norms are a rounding error in memory.
+        The model must then run under autocast to ``dtype``.
+        """
+        for module in self.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if not param.requires_grad and param.dim() >= 2 and param.dtype != dtype:
+                    setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained tensors, by their names in this model: what an adapter file holds."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}

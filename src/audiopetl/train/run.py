@@ -123,6 +123,8 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         ).to(device)
         if config.grad_checkpointing:
             model.backbone.gradient_checkpointing = True
+        if settings.dtype != torch.float32:
+            model.cast_frozen(settings.dtype)
         inputs, forward, augment = features, None, None
         if linear_probe:
             inputs, forward = embeddings, LinearProbeForward(model)
