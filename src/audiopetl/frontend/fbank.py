@@ -150,8 +150,10 @@ class Fbank(nn.Module):
         self.config = config
         # Non-persistent: both are derived from `config`, so they don't belong in state dicts.
         window = torch.hann_window(config.window_size, periodic=False, dtype=torch.float64)
+        if window[0] != 0:
+            raise ValueError("Fbank assumes a window that is zero at its first sample (Hann, as Kaldi's 'hanning')")
         self.register_buffer("window", window.float(), persistent=False)
-        self.register_buffer("mel_matrix", mel_filterbank(config).float(), persistent=False)
+        self.register_buffer("mel_pairs", mel_filterbank(config).float().repeat_interleave(2, dim=0), persistent=False)
 
     def log_mel(self, waveforms: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
         """Raw Kaldi log-mel, (B, num_frames(T), num_mel_bins); frames past a clip's length are 0."""
@@ -160,14 +162,18 @@ class Fbank(nn.Module):
         batch, samples = waves.shape
         if samples < cfg.window_size:
             return waves.new_zeros(batch, 0, cfg.num_mel_bins)
-        frames = waves.unfold(-1, cfg.window_size, cfg.window_shift)
-        frames = frames - frames.mean(dim=-1, keepdim=True)
-        # Kaldi's pre-emphasis treats the sample before each frame's first as that first sample.
-        previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
-        frames = (frames - cfg.preemphasis * previous) * self.window
-        power = torch.fft.rfft(frames, n=cfg.fft_size).abs().square()
+        # Kaldi removes each frame's mean m, then pre-emphasises within the frame, then
+        # windows. Pre-emphasis after mean removal is (x[i] - k x[i-1]) - (1 - k) m, so we
+        # pre-emphasise the whole waveform once and frame it once. Kaldi's special case for
+        # a frame's first sample needs no handling: the window is zero there.
+        emphasised = torch.cat([waves[:, :1], waves[:, 1:] - cfg.preemphasis * waves[:, :-1]], dim=1)
+        means = F.avg_pool1d(waves[:, None], cfg.window_size, cfg.window_shift)[:, 0]
+        frames = emphasised.unfold(-1, cfg.window_size, cfg.window_shift) - (1.0 - cfg.preemphasis) * means[..., None]
+        spectrum = torch.fft.rfft(frames * self.window, n=cfg.fft_size)
+        # |X|^2 @ mel as one matmul: squared (re, im) pairs against the mel rows repeated twice.
+        squared_parts = torch.view_as_real(spectrum).square_().flatten(-2)
         eps = torch.finfo(torch.float32).eps
-        features = (power @ self.mel_matrix).clamp_min(eps).log()
+        features = (squared_parts @ self.mel_pairs).clamp_min(eps).log()
         if lengths is None:
             return features
         counts = _frame_counts(_check_lengths(lengths, batch, samples, waves.device), cfg)
