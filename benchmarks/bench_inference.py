@@ -30,9 +30,8 @@ def main() -> None:
     backbone = load_backbone(checkpoint_dir(), max_frames=args.frames)
     lora = build_model(backbone, LoRAConfig(targets=("q", "v"), reduction_rate=128, alpha=8.0), num_classes=50).eval()
     with torch.no_grad():  # a trained adapter: non-zero B factors
-        for name, parameter in lora.named_parameters():
-            if parameter.requires_grad:
-                parameter.normal_(std=0.02)
+        for parameter in lora.trainable_parameters():
+            parameter.normal_(std=0.02)
     plain = build_model(load_backbone(checkpoint_dir(), max_frames=args.frames), LinearProbeConfig(), num_classes=50)
     plain.eval()
     features = torch.randn(args.batch, args.frames, 128)

@@ -227,3 +227,18 @@ def test_bad_files_skipped_and_reported(tmp_path, clips, bad_files, decode_calls
         list(bad_files), CONFIG, skip_bad_audio=True, progress=False
     )
     assert features.shape == (0, 40, 128) and kept == [] and len(bad) == 6
+
+
+def test_clear_removes_the_leftover_of_a_killed_build(tmp_path):
+    from audiopetl.atomic import atomic_path
+    from audiopetl.data import clear_cache
+
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt), atomic_path(cache_dir / "features" / "abc123.f32") as temp:
+        temp.write_bytes(b"half")
+        leftover = temp.with_name(temp.name + "-copy")  # what a SIGKILL would leave behind
+        leftover.write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert [p.name for p in (cache_dir / "features").iterdir()] == [leftover.name]
+    clear_cache(cache_dir)
+    assert list((cache_dir / "features").iterdir()) == []

@@ -114,3 +114,20 @@ def test_demo_learns_offline(tmp_path, capsys):
     assert list((tmp_path / "demo" / "runs" / "lora").glob("*/adapter.safetensors"))
     metrics = json.loads((tmp_path / "demo" / "runs" / "lora" / "metrics.json").read_text())
     assert metrics["trainable_parameters"] > 0
+
+
+def test_few_shot_report_puts_k_in_columns_and_plots_curves(tmp_path):
+    """Rendering only: the runs' metrics files are written here by hand."""
+    runs = []
+    for k, accuracy in ((1, 0.3), (2, 0.4)):
+        run_id = f"esc50/lora/k{k}"
+        metrics = {"test_accuracy_mean": accuracy, "test_accuracy_std": 0.0, "splits": [{}], "paper_parameters": 221184}
+        (tmp_path / run_id).mkdir(parents=True)
+        (tmp_path / run_id / "metrics.json").write_text(json.dumps(metrics))
+        runs.append({"id": run_id, "dataset": "esc50", "row": "LoRA", "k": k})
+    (tmp_path / "sweep.json").write_text(json.dumps({"recipe": "table2", "title": "few-shot", "runs": runs}))
+    out = write_report(tmp_path, tmp_path / "report")
+    markdown = (out / "results.md").read_text()
+    assert "esc50 K=1" in markdown and "30.00 (31.80)" in markdown and "40.00 (42.20)" in markdown
+    assert (out / "few_shot.png").stat().st_size > 1000
+    assert not (out / "accuracy_vs_params.png").exists()

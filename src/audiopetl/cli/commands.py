@@ -7,7 +7,6 @@ from it. Heavy imports happen inside the run functions so ``--help`` stays insta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 # Method options the CLI exposes, mapped to the method-config field they set.

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import atomic_path
 from ..frontend import AudioError, Fbank, FbankConfig, load_audio
 
 CACHE_ENV = "AUDIOPETL_CACHE"
@@ -134,16 +134,8 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         # An old manifest must not vouch for a data file that is about to be replaced.
         (self.dir / f"{key}.json").unlink(missing_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f"{key}.", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                bad = _compute(paths, config, out, progress)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, self.dir / f"{key}.f32")
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self.dir / f"{key}.f32") as temp, open(temp, "wb") as out:
+            bad = _compute(paths, config, out, progress)
         manifest = {
             "format": FORMAT,
             "key": key,
@@ -154,7 +146,8 @@ class FeatureCache:
             "frontend": config.to_dict(),
             "size_bytes": (self.dir / f"{key}.f32").stat().st_size,
         }
-        _write_atomic(self.dir / f"{key}.json", json.dumps(manifest, indent=1).encode())
+        with atomic_path(self.dir / f"{key}.json") as temp:
+            temp.write_text(json.dumps(manifest, indent=1))
         return manifest
 
 
@@ -184,19 +177,6 @@ def _compute(paths: list[str], config: FbankConfig, out, progress: bool) -> list
     if pending:
         flush()
     return bad
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, temp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def list_cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry]:

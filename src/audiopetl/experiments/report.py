@@ -103,8 +103,7 @@ def write_report(runs_dir: str | Path, out: str | Path, tsne: bool = False) -> P
                 paper_accuracy(sweep["recipe"], run["row"], run["dataset"], run.get("k")) or "",
             ])
     _plot_accuracy_vs_params(runs, out / "accuracy_vs_params.png")
-    if any("k" in r for r in runs):
-        _plot_few_shot(runs, out / "few_shot.png")
+    _plot_few_shot(runs, out / "few_shot.png")
     if tsne:
         for run in runs:
             plot_tsne(Path(runs_dir) / run["id"], out / f"tsne-{run['id'].replace('/', '-')}.png")
@@ -121,38 +120,30 @@ def _pyplot():
 
 
 def _plot_accuracy_vs_params(runs: list[dict], path: Path) -> None:
-    plt = _pyplot()
-    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
-    figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for axis, dataset in zip(axes[0], datasets):
-        series: dict[str, list] = defaultdict(list)
-        for run in runs:
-            if run["dataset"] == dataset and "k" not in run:
-                metrics = run["metrics"]
-                series[run["row"]].append((metrics["paper_parameters"], 100 * metrics["test_accuracy_mean"]))
-        for row, points in series.items():
-            points.sort()
-            axis.plot([p for p, _ in points], [a for _, a in points], marker="o", label=row)
-        axis.set(xscale="log", xlabel="trainable parameters", ylabel="test accuracy (%)", title=dataset)
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    points = [(r, r["metrics"]["paper_parameters"]) for r in runs if "k" not in r]
+    _plot_curves(points, "trainable parameters", path)
 
 
 def _plot_few_shot(runs: list[dict], path: Path) -> None:
+    _plot_curves([(r, r["k"]) for r in runs if "k" in r], "examples per class", path)
+
+
+def _plot_curves(points: list[tuple[dict, float]], xlabel: str, path: Path) -> None:
+    """Test accuracy against ``x`` (log scale), one panel per dataset, one line per method."""
+    if not points:
+        return
     plt = _pyplot()
-    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    datasets = list(dict.fromkeys(run["dataset"] for run, _ in points))
     figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         series: dict[str, list] = defaultdict(list)
-        for run in runs:
+        for run, x in points:
             if run["dataset"] == dataset:
-                series[run["row"]].append((run["k"], 100 * run["metrics"]["test_accuracy_mean"]))
-        for row, points in series.items():
-            points.sort()
-            axis.plot([k for k, _ in points], [a for _, a in points], marker="o", label=row)
-        axis.set(xscale="log", xlabel="examples per class", ylabel="test accuracy (%)", title=dataset)
+                series[run["row"]].append((x, 100 * run["metrics"]["test_accuracy_mean"]))
+        for row, line in series.items():
+            line.sort()
+            axis.plot([x for x, _ in line], [a for _, a in line], marker="o", label=row)
+        axis.set(xscale="log", xlabel=xlabel, ylabel="test accuracy (%)", title=dataset)
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -65,5 +65,6 @@ __all__ = [
     "preset",
     "preset_names",
     "read_adapter_metadata",
+    "resolve_methods",
     "save_adapter",
 ]

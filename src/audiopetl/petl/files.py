@@ -10,8 +10,6 @@ a backbone whose config or fingerprint differs, and files that cannot be read.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_path
 from .registry import method_from_dict
 
 if TYPE_CHECKING:
@@ -53,16 +52,8 @@ def save_adapter(model: PETLModel, path: str | Path, extra_metadata: dict | None
     }
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.adapter_state_dict().items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same-directory temporary file + os.replace: readers never see a half-written adapter.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        save_file(tensors, temp, metadata={HEADER_KEY: json.dumps(header)})
     return path
 
 
