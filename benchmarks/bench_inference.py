@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median_seconds, print_table  # noqa: E402
+from common import ast_flops, machine, matmul_peak_gflops, median_seconds, print_table  # noqa: E402
 
 from audiopetl.backbone import load_backbone  # noqa: E402
 from audiopetl.petl import LinearProbeConfig, LoRAConfig, build_model  # noqa: E402
@@ -47,14 +47,19 @@ def main() -> None:
     with torch.inference_mode():
         difference = (lora(features) - unmerged_out).abs().max().item()
     t_merged, t_plain = timed(lora), timed(plain)
-    print(f"machine: {machine()}")
+    peak = matmul_peak_gflops()
+    flops = ast_flops(args.frames, args.batch)
+    print(f"machine: {machine()}; fp32 matmul peak {peak:.0f} GFLOP/s")
     print_table(
         f"inference, ViT-B, {args.frames} frames, batch {args.batch} (merged vs unmerged max |diff| {difference:.1e})",
-        ["model", "ms/clip", "vs plain"],
+        ["model", "ms/clip", "vs plain", "forward MFU"],
         [
-            ["plain backbone + head", 1000 * t_plain / args.batch, 1.0],
-            ["LoRA q,v unmerged", 1000 * t_unmerged / args.batch, t_unmerged / t_plain],
-            ["LoRA q,v merged", 1000 * t_merged / args.batch, t_merged / t_plain],
+            [name, 1000 * t / args.batch, t / t_plain, f"{100 * flops / t / 1e9 / peak:.0f}%"]
+            for name, t in (
+                ("plain backbone + head", t_plain),
+                ("LoRA q,v unmerged", t_unmerged),
+                ("LoRA q,v merged", t_merged),
+            )
         ],
     )
 

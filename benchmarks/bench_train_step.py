@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import emit, machine, matmul_peak_gflops, peak_rss_mb, print_table, run_worker  # noqa: E402
+from common import ast_flops, emit, machine, matmul_peak_gflops, peak_rss_mb, print_table, run_worker  # noqa: E402
 
 METHODS = {
     "lora": {"method": "lora", "targets": ["q", "v"], "reduction_rate": 128, "alpha": 8.0},
@@ -190,25 +190,6 @@ def check(method: str, frames: int) -> float:
     return abs(losses[0] - losses[1])
 
 
-def training_flops(frames: int, batch: int, method: str) -> float:
-    """Analytic FLOPs of one step: forward, plus the backward that is actually needed.
-
-    Linear layers cost 2*m*n*k; a frozen weight needs only the input gradient in backward
-    (1x forward), a trained one also its weight gradient (2x). Attention's two matmuls
-    cost 2x forward in backward. The patch embedding needs no backward unless trained.
-    """
-    from audiopetl.backbone import ASTConfig
-
-    config = ASTConfig(max_frames=frames)
-    tokens = config.num_tokens + (25 if method == "dpt25" else 0)
-    dim, mlp, layers = config.hidden_size, config.mlp_size, config.num_layers
-    linear = 2 * tokens * (4 * dim * dim + 2 * dim * mlp)
-    attention = 4 * tokens * tokens * dim
-    weight_grads = linear if method == "full" else 0
-    per_layer = (linear + attention) + (linear + 2 * attention) + weight_grads
-    return batch * layers * per_layer
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=6, metavar=("SIDE", "METHOD", "FRAMES", "BATCH", "STEPS", "PRECISION"))
@@ -237,7 +218,8 @@ def main() -> None:
             best = max(results["hf-eager"]["samples_per_s"], results["hf-sdpa"]["samples_per_s"])
             mem = min(results["hf-eager"]["peak_rss_mb"], results["hf-sdpa"]["peak_rss_mb"])
             ours_ = results["audiopetl"]
-            mfu = training_flops(frames, batch, method) / ours_["step_s"] / 1e9 / peak
+            flops = ast_flops(frames, batch, extra_tokens=25 if method == "dpt25" else 0, step=method)
+            mfu = flops / ours_["step_s"] / 1e9 / peak
             for side in SIDES:
                 r = results[side]
                 rows.append([

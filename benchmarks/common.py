@@ -63,6 +63,27 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, dev
     return 2 * size**3 / median_seconds(step, repeats=5) / 1e9
 
 
+def ast_flops(frames: int, batch: int, extra_tokens: int = 0, step: str | None = None) -> float:
+    """Analytic FLOPs of a ViT-B AST forward pass, or of a training step when ``step`` names the method.
+
+    Linear layers cost 2*m*n*k and attention's two matmuls 4*T^2*d per layer. In a step's
+    backward a frozen weight needs only its input gradient (1x forward), a trained one also
+    its weight gradient (another 1x: ``step="full"``); attention's backward is 2x forward.
+    Small terms (the tiny PETL modules, the patch embedding, the head) are left out.
+    """
+    from audiopetl.backbone import ASTConfig
+
+    config = ASTConfig(max_frames=frames)
+    tokens = config.num_tokens + extra_tokens
+    dim, mlp, layers = config.hidden_size, config.mlp_size, config.num_layers
+    linear = 2 * tokens * (4 * dim * dim + 2 * dim * mlp)
+    attention = 4 * tokens * tokens * dim
+    per_layer = linear + attention
+    if step is not None:
+        per_layer += linear + 2 * attention + (linear if step == "full" else 0)
+    return batch * layers * per_layer
+
+
 def machine() -> str:
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
