@@ -95,3 +95,20 @@ def test_train_then_predict_from_the_command_line(tmp_path, capsys):
     assert main(["predict", str(adapter), str(data / "chirp"), "--top-k", "2", "--device", "cpu"]) == 0
     predictions = json.loads(capsys.readouterr().out)
     assert len(predictions) == 6 and len(predictions[0]["top_k"]) == 2
+    assert main(["eval", str(adapter), "--data-root", str(data), "--cache-dir", str(tmp_path / "cache"),
+                 "--device", "cpu"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    trained = json.loads((adapter.parent / "metrics.json").read_text())
+    assert evaluated["test_accuracy"] == trained["test_accuracy"]
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "clips" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "(cache is empty)" in capsys.readouterr().out
+
+
+def test_fsc_download_says_where_to_get_it_and_how_to_unpack(tmp_path, capsys):
+    assert main(["data", "download", "fsc", "--to", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "fluent" in error.lower() and "wavs" in error
