@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..backbone import load_backbone
 from ..backbone.presets import TINY_RANDOM
 from ..data import get_dataset
 from ..train import ADAPTER, TrainConfig, run_training
@@ -54,15 +55,19 @@ def run_demo(
             cache_dir=str(out / "cache"),
             progress=progress,
         )
-        summary = run_training(config, out / "runs" / name)
-        results[name] = summary
+        results[name] = run_training(config, out / "runs" / name)
+
+    backbone_size = sum(p.numel() for p in load_backbone(backbone, max_frames=100).parameters())
+    print(f"\nbackbone: {backbone} ({backbone_size:,} parameters, frozen); chance accuracy {1 / len(CLASSES):.3f}")
+    print(f"{'method':8s}  {'test accuracy':>13s}  {'trainable parameters':>20s}  {'adapter file':>12s}")
+    for name, summary in results.items():
+        adapter = next((out / "runs" / name).glob(f"*/{ADAPTER}"))
         print(
-            f"{name:8s} test accuracy {summary['test_accuracy_mean']:.3f} "
-            f"(chance {1 / len(CLASSES):.3f}), trainable parameters {summary['trainable_parameters']:,}"
+            f"{name:8s}  {summary['test_accuracy_mean']:13.3f}  {summary['trainable_parameters']:20,}  "
+            f"{adapter.stat().st_size / 1024:9.0f} KB"
         )
     adapter = next((out / "runs" / "lora").glob(f"*/{ADAPTER}"))
-    size_kb = adapter.stat().st_size / 1024
-    print(f"\nadapter file {adapter} ({size_kb:.0f} KB); reloading it and labelling one test clip per class:")
+    print(f"\nreloading {adapter} and labelling one test clip per class:")
     for item in predict_files(adapter, _one_test_clip_per_class(data), top_k=1, device="cpu"):
         print(f"  {Path(item['path']).name:24s} -> {item['label']} ({item['top_k'][0]['score']:.2f})")
     return results
