@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..dataclass_dict import from_dict
+
 NUM_SPECIAL_TOKENS = 2  # [CLS] and distillation
 POOLINGS = ("mean", "cls", "cls_dist")
 
@@ -79,11 +81,7 @@ class ASTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ASTConfig":
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown ASTConfig keys {unknown}; valid keys: {sorted(valid)}")
-        return cls(**values)
+        return from_dict(cls, values)
 
 
 class PatchEmbed(nn.Module):

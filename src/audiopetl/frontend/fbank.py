@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dataclass_dict import from_dict
+
 
 @dataclass(frozen=True)
 class FbankConfig:
@@ -94,11 +96,7 @@ class FbankConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> FbankConfig:
-        valid = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown FbankConfig keys {unknown}; valid keys: {valid}")
-        return cls(**data)
+        return from_dict(cls, data)
 
 
 def _is_real(value) -> bool:

@@ -9,10 +9,11 @@ method's default" and are filled in by :func:`resolve`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..backbone import POS_EMBED_MODES
+from ..dataclass_dict import from_dict
 from .precision import PRECISIONS
 
 # Paper Sec. III-A and the reference hyper-parameters.
@@ -77,11 +78,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; valid options: {sorted(valid)}")
-        return cls(**values)
+        return from_dict(cls, values, what="training options")
 
 
 def _check_choice(name: str, value: str, choices) -> None:
