@@ -131,3 +131,11 @@ def test_few_shot_report_puts_k_in_columns_and_plots_curves(tmp_path):
     assert "esc50 K=1" in markdown and "30.00 (31.80)" in markdown and "40.00 (42.20)" in markdown
     assert (out / "few_shot.png").stat().st_size > 1000
     assert not (out / "accuracy_vs_params.png").exists()
+
+
+def test_report_tsne_plots_the_cls_token_of_each_run(mini_sweep, tmp_path):
+    _, _, runs_dir, _, _ = mini_sweep
+    out = write_report(runs_dir, tmp_path / "report", tsne=True)
+    plots = sorted(p.name for p in out.glob("tsne-*.png"))
+    assert plots == ["tsne-folder-bottleneck-pf-par.png", "tsne-folder-lora.png"]
+    assert all((out / p).stat().st_size > 1000 for p in plots)

@@ -198,3 +198,25 @@ def test_bf16_training_reaches_the_fp32_accuracy(dataset, tmp_path):
     }
     assert results["bf16"]["test_accuracy_mean"] > CHANCE + 0.2
     assert abs(results["bf16"]["test_accuracy_mean"] - results["fp32"]["test_accuracy_mean"]) <= 0.15
+
+
+def test_gradient_accumulation_equals_the_larger_batch(dataset, tmp_path):
+    """8 clips x 2 accumulation steps train exactly like batches of 16 (48 training clips)."""
+    from audiopetl.petl import load_adapter
+
+    common = dict(method="bottleneck_pf_par", epochs=2, few_shot=8, specaugment=False)
+    runs = {
+        name: run_training(config(dataset, tmp_path, **common, **options), tmp_path / name)
+        for name, options in (("big", {"batch_size": 16}), ("accumulated", {"batch_size": 8, "grad_accum": 2}))
+    }
+    split = runs["big"]["splits"][0]["split"]
+    big, accumulated = (load_adapter(tmp_path / n / split / ADAPTER).adapter_state_dict() for n in runs)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(dataset, tmp_path):
+    eager = run_training(config(dataset, tmp_path, method="bottleneck_pf_par", epochs=2), tmp_path / "eager")
+    compiled = run_training(config(dataset, tmp_path, method="bottleneck_pf_par", epochs=2, compile=True), tmp_path / "c")
+    assert compiled["splits"][0]["test_loss"] == pytest.approx(eager["splits"][0]["test_loss"], rel=1e-3)

@@ -173,7 +173,7 @@ def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
     )
     with torch.no_grad():
         cls = np.concatenate(
-            [model.backbone(torch.from_numpy(np.ascontiguousarray(features[s : s + 32])))[:, 0].numpy()
+            [model.backbone(torch.from_numpy(np.array(features[s : s + 32])))[:, 0].numpy()
              for s in range(0, len(features), 32)]
         )
     labels = np.array([index.clips[chosen[i]].label for i in kept])

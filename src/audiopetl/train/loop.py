@@ -120,7 +120,7 @@ def fit(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    forward = forward or model
+    forward = model if forward is None else forward
     params = [p for p in model.parameters() if p.requires_grad]
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(
