@@ -25,11 +25,14 @@ METHOD_OPTIONS = {
 
 
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..petl import preset_names
+
     group = parser.add_argument_group("method")
     group.add_argument(
         "--method",
         default=None,
-        help="method or preset name (see `audiopetl params`); join several with '+' for a combination",
+        help=f"method or preset (default: lora), one of: {', '.join(preset_names())}; "
+        "join several with '+' for a combination",
     )
     for name, (kind, help_text) in METHOD_OPTIONS.items():
         group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=help_text)
@@ -171,11 +174,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", required=True, help="dataset folder")
     parser.add_argument("--dataset", default=None, help="default: the adapter's dataset")
     parser.add_argument("--split", default=None, help="split name (default: the adapter's split)")
-    parser.add_argument("--protocol", default="default")
+    parser.add_argument("--protocol", default="default", help="split protocol the adapter was trained with")
     parser.add_argument("--backbone", default=None, help="override the backbone named in the adapter file")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--cache-dir", default=None, help="feature cache (default: $AUDIOPETL_CACHE or ~/.cache/audiopetl)")
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -197,11 +200,11 @@ def run_eval(args: argparse.Namespace) -> dict:
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", type=Path, help="adapter file written by `train`")
     parser.add_argument("inputs", nargs="+", type=Path, help="audio files or folders")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--format", choices=("json", "csv"), default="json")
+    parser.add_argument("--top-k", type=int, default=5, help="labels (with probabilities) per file")
+    parser.add_argument("--format", choices=("json", "csv"), default="json", help="output format")
     parser.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
     parser.add_argument("--backbone", default=None, help="override the backbone named in the adapter file")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -219,8 +222,8 @@ def run_predict(args: argparse.Namespace) -> None:
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-config", default="vit-b",
                         help="'vit-b' (AST base) or a config.json path; no weights are downloaded")
-    parser.add_argument("--num-classes", type=int, default=50)
-    parser.add_argument("--max-frames", type=int, default=1024)
+    parser.add_argument("--num-classes", type=int, default=50, help="head size (Linear and Full FT counts)")
+    parser.add_argument("--max-frames", type=int, default=1024, help="clip length (Full FT counts the position table)")
 
 
 def run_params(args: argparse.Namespace) -> None:
@@ -341,7 +344,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="tiny-random",
                         help="'tiny-random' (offline, random weights) or a hub id / folder for real weights")
     parser.add_argument("--epochs", type=int, default=None, help="default: 20 (tiny) / 3 (real backbone)")
-    parser.add_argument("--clips-per-class", type=int, default=32)
+    parser.add_argument("--clips-per-class", type=int, default=32, help="size of the generated dataset")
 
 
 def run_demo(args: argparse.Namespace) -> None:

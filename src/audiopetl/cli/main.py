@@ -30,11 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     from . import commands as impl
 
     for name, (help_text, add_arguments, _) in impl.COMMANDS.items():
-        sub = commands.add_parser(
-            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=_DefaultsFormatter)
         add_arguments(sub)
     return parser
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show (not for unset flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
