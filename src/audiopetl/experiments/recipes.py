@@ -115,10 +115,11 @@ def run_sweep(
     # Validate every configuration before the first (possibly hours-long) run starts.
     configs = [resolve(TrainConfig.from_dict({**r.options, "data_root": roots.get(r.labels["dataset"], "")})) for r in runs]
     runs_dir = Path(runs_dir)
-    write_json(
-        runs_dir / SWEEP_FILE,
-        {"recipe": recipe["name"], "title": recipe["title"], "runs": [{"id": r.run_id, **r.labels} for r in runs]},
-    )
+    if not dry_run:
+        write_json(
+            runs_dir / SWEEP_FILE,
+            {"recipe": recipe["name"], "title": recipe["title"], "runs": [{"id": r.run_id, **r.labels} for r in runs]},
+        )
     summaries = []
     for number, (run, config) in enumerate(zip(runs, configs), start=1):
         run_dir = runs_dir / run.run_id
