@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..backbone.ast import AST
-from .config import AdapterConfig
+from .config import AdapterConfig, reduced_size
 
 
 class QuickGELU(nn.Module):
@@ -113,20 +113,10 @@ class ParallelAdapter(nn.Module):
         return f"position={self.position}, residual={self.residual}"
 
 
-def adapter_rank(config: AdapterConfig, hidden_size: int) -> int:
-    rank = hidden_size // config.reduction_rate
-    if rank < 1:
-        raise ValueError(
-            f"AdapterConfig.reduction_rate={config.reduction_rate} leaves no bottleneck for hidden size "
-            f"{hidden_size}; use at most {hidden_size}"
-        )
-    return rank
-
-
 def inject_adapters(backbone: AST, config: AdapterConfig) -> list[nn.Module]:
     """Insert the adapters of ``config`` into every block; returns the new modules."""
     dim = backbone.config.hidden_size
-    rank = adapter_rank(config, dim)
+    rank = reduced_size(dim, config.reduction_rate, "AdapterConfig")
     added: list[nn.Module] = []
     for block in backbone.blocks:
         for sublayer, insertion, position in config.placements():

@@ -194,3 +194,14 @@ class AdapterConfig(_MethodConfig):
 MethodConfig = Union[
     FullFinetuneConfig, LinearProbeConfig, BitFitConfig, PromptConfig, PrefixConfig, LoRAConfig, AdapterConfig
 ]
+
+
+def reduced_size(hidden_size: int, reduction_rate: int, owner: str) -> int:
+    """The paper's rank / bottleneck rule r = d // RR, refusing an RR that leaves nothing."""
+    size = hidden_size // reduction_rate
+    if size < 1:
+        raise ValueError(
+            f"{owner}.reduction_rate={reduction_rate} leaves no rank for hidden size {hidden_size}; "
+            f"use at most {hidden_size}"
+        )
+    return size

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone.ast import AST
-from .config import LoRAConfig
+from .config import LoRAConfig, reduced_size
 
 
 class LoRALinear(nn.Module):
@@ -63,19 +63,9 @@ class LoRALinear(nn.Module):
         return f"rank={self.lora_down.shape[0]}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def lora_rank(config: LoRAConfig, hidden_size: int) -> int:
-    rank = hidden_size // config.reduction_rate
-    if rank < 1:
-        raise ValueError(
-            f"LoRAConfig.reduction_rate={config.reduction_rate} leaves no rank for hidden size {hidden_size}; "
-            f"use at most {hidden_size}"
-        )
-    return rank
-
-
 def inject_lora(backbone: AST, config: LoRAConfig) -> list[nn.Module]:
     """Wrap ``config.targets`` of every block; returns the new modules."""
-    rank = lora_rank(config, backbone.config.hidden_size)
+    rank = reduced_size(backbone.config.hidden_size, config.reduction_rate, "LoRAConfig")
     added = []
     for block in backbone.blocks:
         for target in config.targets:
