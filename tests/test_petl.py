@@ -419,3 +419,13 @@ def test_gradient_checkpointing_runs_with_the_frozen_backbone_in_eval():
     model.backbone.gradient_checkpointing = True
     F.cross_entropy(model(features()), torch.tensor([0, 2])).backward()
     assert model.backbone.blocks[0].attn.q.lora_down.grad is not None
+
+
+@pytest.mark.parametrize(
+    "method, owner",
+    [(LoRAConfig(reduction_rate=1024), "LoRAConfig"), (AdapterConfig(reduction_rate=1024), "AdapterConfig")],
+)
+def test_a_reduction_rate_that_leaves_no_rank_is_refused(method, owner):
+    backbone = AST(ASTConfig(hidden_size=64, num_layers=1, num_heads=4, mlp_size=128, max_frames=100))
+    with pytest.raises(ValueError, match=f"{owner}.reduction_rate=1024 leaves no rank for hidden size 64"):
+        build_model(backbone, method, num_classes=3)
