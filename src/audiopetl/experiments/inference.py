@@ -64,13 +64,14 @@ def predict_files(
     """Top-k labels and probabilities for each audio file."""
     model = load_for_inference(adapter, backbone, device)
     device_ = next(model.parameters()).device
-    fbank = Fbank(FbankConfig.from_dict(model.metadata["frontend"])).to(device_)
+    frontend = FbankConfig.from_dict(model.metadata["frontend"])
+    fbank = Fbank(frontend).to(device_)
     files = audio_files(inputs)
     k = min(top_k, len(model.class_names))
     results = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        waves = [torch.from_numpy(load_audio(path)) for path in chunk]
+        waves = [torch.from_numpy(load_audio(path, sample_rate=frontend.sample_rate)) for path in chunk]
         lengths = torch.tensor([len(w) for w in waves])
         padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device_)
         probabilities = model(fbank(padded, lengths=lengths.to(device_))).float().softmax(-1).cpu()
