@@ -72,6 +72,7 @@ _UNSET = argparse.SUPPRESS
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from ..backbone import POS_EMBED_MODES
+    from ..petl.files import STORAGE_DTYPES
     from ..train.precision import PRECISIONS
 
     parser.add_argument("--config", type=Path, help="YAML file of training options; flags override it")
@@ -108,6 +109,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--grad-accum", type=int, default=_UNSET, help="default: 1")
     optim.add_argument("--seed", type=int, default=_UNSET, help="default: 0")
     system = parser.add_argument_group("system")
+    system.add_argument("--adapter-dtype", choices=list(STORAGE_DTYPES), default=_UNSET,
+                        help="storage of the adapter file: fp32 (default, exact) or fp16/bf16 (half the size)")
     system.add_argument("--device", default=_UNSET, help="auto (default), cpu, cuda, cuda:N")
     system.add_argument("--precision", choices=PRECISIONS, default=_UNSET,
                         help="auto (default): bf16 on CUDA and on CPUs with fast bf16, else fp32")

@@ -33,8 +33,19 @@ class AdapterFileError(ValueError):
     """An adapter file that is unreadable, malformed, or made for another backbone."""
 
 
-def save_adapter(model: PETLModel, path: str | Path, extra_metadata: dict | None = None) -> Path:
-    """Write ``model``'s trained tensors and metadata to ``path`` atomically; returns the path."""
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_adapter(
+    model: PETLModel, path: str | Path, extra_metadata: dict | None = None, dtype: str = "fp32"
+) -> Path:
+    """Write ``model``'s trained tensors and metadata to ``path`` atomically; returns the path.
+
+    ``dtype="fp16"`` (or ``"bf16"``) halves the file for shipping; loading casts back to
+    the model's dtype, so outputs then match to half precision instead of exactly.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"unknown adapter dtype {dtype!r}; valid: {list(STORAGE_DTYPES)}")
     if any(layer.merged for layer in model.lora_layers()):
         raise ValueError("LoRA is merged into the backbone weights; call unmerge_lora() before save_adapter()")
     if model.backbone_record["fingerprint"] is None:
@@ -50,7 +61,8 @@ def save_adapter(model: PETLModel, path: str | Path, extra_metadata: dict | None
         "backbone": model.backbone_record,
         "metadata": {**model.metadata, **(extra_metadata or {})},
     }
-    tensors = {name: t.detach().cpu().contiguous() for name, t in model.adapter_state_dict().items()}
+    stored = STORAGE_DTYPES[dtype]
+    tensors = {name: t.detach().cpu().to(stored).contiguous() for name, t in model.adapter_state_dict().items()}
     path = Path(path)
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata={HEADER_KEY: json.dumps(header)})

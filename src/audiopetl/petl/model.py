@@ -155,10 +155,10 @@ class PETLModel(nn.Module):
         for layer in layers:
             layer.unmerge()
 
-    def save_adapter(self, path: str | Path, extra_metadata: dict | None = None) -> Path:
+    def save_adapter(self, path: str | Path, extra_metadata: dict | None = None, dtype: str = "fp32") -> Path:
         from .files import save_adapter
 
-        return save_adapter(self, path, extra_metadata)
+        return save_adapter(self, path, extra_metadata, dtype=dtype)
 
 
 def build_model(

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..backbone import POS_EMBED_MODES
 from ..dataclass_dict import from_dict
+from ..petl.files import STORAGE_DTYPES
 from .precision import PRECISIONS
 
 # Paper Sec. III-A and the reference hyper-parameters.
@@ -48,6 +49,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     embedding_cache: bool = True  # linear probing: train the head on cached embeddings
+    adapter_dtype: str = "fp32"  # storage of the shipped adapter file: fp32 (exact), fp16 or bf16 (half size)
     skip_bad_audio: bool = False
     cache_dir: str | None = None
     num_workers: int = 0
@@ -62,6 +64,7 @@ class TrainConfig:
             self.folds = tuple(int(f) for f in self.folds)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("pos_embed", self.pos_embed, POS_EMBED_MODES)
+        _check_choice("adapter_dtype", self.adapter_dtype, STORAGE_DTYPES)
         for name in ("epochs", "batch_size", "max_frames", "few_shot"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

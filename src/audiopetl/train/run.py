@@ -144,7 +144,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             augment=augment,
             resume=resume,
         )
-        model.save_adapter(split_dir / ADAPTER)
+        model.save_adapter(split_dir / ADAPTER, dtype=config.adapter_dtype)
         metrics.update(split=split.name, **_parameter_counts(model))
         results.append(metrics)
 
