@@ -66,12 +66,14 @@ def test_every_method_family_learns_and_writes_a_run_directory(family, dataset, 
     assert [r["epoch"] for r in log] == list(range(1, 7))
 
 
-def test_eval_and_predict_reproduce_the_runs_test_accuracy(dataset, tmp_path):
+def test_eval_and_predict_reproduce_the_runs_test_accuracy(dataset, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     summary = run_training(config(dataset, tmp_path, method="bottleneck_pf_par"), run_dir)
     split = summary["splits"][0]
     adapter = run_dir / split["split"] / ADAPTER
-    evaluated = evaluate_adapter(adapter, data_root=str(dataset), cache_dir=str(tmp_path / "cache"), device="cpu")
+    with monkeypatch.context() as patch:  # eval reads the training run's cache entry: no decoding
+        patch.setattr("audiopetl.data.cache.load_audio", lambda *a, **k: pytest.fail("eval decoded audio again"))
+        evaluated = evaluate_adapter(adapter, data_root=str(dataset), cache_dir=str(tmp_path / "cache"), device="cpu")
     assert evaluated["test_accuracy"] == pytest.approx(split["test_accuracy"], abs=1e-9)
     assert evaluated["num_test"] == split["num_test"]
     predictions = predict_files(adapter, [dataset], top_k=3, device="cpu")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path
 from ..frontend import AudioError, Fbank, FbankConfig, load_audio
+from .base import DatasetIndex
 
 CACHE_ENV = "AUDIOPETL_CACHE"
 FORMAT = 1  # bump when the stored layout or the meaning of a key changes
@@ -223,6 +224,42 @@ def clear_cache(cache_dir: str | os.PathLike | None = None, key: str | None = No
         for path in sorted(cache.dir.glob(f"{k}.*"), key=lambda p: p.suffix != ".json"):
             path.unlink(missing_ok=True)
     return removed
+
+
+@dataclass
+class IndexedFeatures:
+    """The cached features of a dataset's clips, with the map from clip index to feature row.
+
+    Clips skipped as bad audio have no row (``position`` -1); ``labels`` follow the rows.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    position: np.ndarray
+    bad: list[tuple[str, str]]
+
+    def rows(self, clip_indices: Sequence[int]) -> np.ndarray:
+        """Feature rows of ``clip_indices``, in order, leaving out skipped clips."""
+        rows = self.position[np.asarray(clip_indices, dtype=np.int64)]
+        return rows[rows >= 0]
+
+
+def index_features(
+    index: DatasetIndex,
+    config: FbankConfig,
+    cache_dir: str | os.PathLike | None = None,
+    skip_bad_audio: bool = False,
+    progress: bool = True,
+) -> IndexedFeatures:
+    """Features of every clip of ``index`` through the cache: one entry per dataset and frontend
+    setting, shared by training, evaluation and reports."""
+    features, kept, bad = FeatureCache(cache_dir).features(
+        [clip.path for clip in index.clips], config, skip_bad_audio=skip_bad_audio, progress=progress
+    )
+    position = np.full(len(index.clips), -1, dtype=np.int64)
+    position[np.asarray(kept, dtype=np.int64)] = np.arange(len(kept))
+    labels = np.asarray([index.clips[i].label for i in kept], dtype=np.int64)
+    return IndexedFeatures(features, labels, position, bad)
 
 
 class FeatureDataset(torch.utils.data.Dataset):

@@ -11,10 +11,9 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..data import FeatureCache, get_dataset
+from ..data import get_dataset, index_features
 from ..frontend import Fbank, FbankConfig, load_audio
 from ..petl import PETLModel, load_adapter
 from ..train.loop import Batches, LoopSettings, evaluate
@@ -123,14 +122,13 @@ def evaluate_adapter(
         raise ValueError(
             f"adapter classes {model.class_names[:5]}... do not match dataset classes {index.class_names[:5]}..."
         )
-    fbank = FbankConfig.from_dict(metadata["frontend"])
-    test_clips = splits[split].test
-    features, kept, bad = FeatureCache(cache_dir).features([index.clips[i].path for i in test_clips], fbank)
-    labels = np.asarray([index.clips[test_clips[i]].label for i in kept], dtype=np.int64)
+    # The whole dataset's features: the cache entry the training run built, so nothing is decoded again.
+    data = index_features(index, FbankConfig.from_dict(metadata["frontend"]), cache_dir)
+    test_rows = data.rows(splits[split].test)
     device_ = next(model.parameters()).device
     # The same precision choice as training, so eval reproduces the run's test accuracy.
     settings = LoopSettings(
         epochs=1, batch_size=batch_size, lr=1.0, device=device_, dtype=resolve_precision("auto", device_)
     )
-    metrics = evaluate(model, Batches(features, labels, np.arange(len(labels))), settings)
-    return {"dataset": dataset, "split": split, "test_accuracy": metrics["accuracy"], "num_test": len(labels)}
+    metrics = evaluate(model, Batches(data.features, data.labels, test_rows), settings)
+    return {"dataset": dataset, "split": split, "test_accuracy": metrics["accuracy"], "num_test": len(test_rows)}

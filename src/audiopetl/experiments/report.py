@@ -157,7 +157,7 @@ def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
     import yaml
     from sklearn.manifold import TSNE
 
-    from ..data import FeatureCache, get_dataset
+    from ..data import get_dataset, index_features
     from ..frontend import FbankConfig
     from .inference import load_for_inference
 
@@ -167,16 +167,14 @@ def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
     source = get_dataset(config["dataset"])
     index = source.scan(config["data_root"])
     split = {s.name: s for s in source.splits(index, protocol=config["protocol"])}[model.metadata["split"]]
-    chosen = [i for i in split.test if index.clips[i].label < max_classes]
-    features, kept, _ = FeatureCache(config["cache_dir"]).features(
-        [index.clips[i].path for i in chosen], FbankConfig.from_dict(model.metadata["frontend"]), progress=False
-    )
+    data = index_features(index, FbankConfig.from_dict(model.metadata["frontend"]), config["cache_dir"], progress=False)
+    rows = data.rows([i for i in split.test if index.clips[i].label < max_classes])
     with torch.no_grad():
         cls = np.concatenate(
-            [model.backbone(torch.from_numpy(np.array(features[s : s + 32])))[:, 0].numpy()
-             for s in range(0, len(features), 32)]
+            [model.backbone(torch.from_numpy(data.features[rows[s : s + 32]]))[:, 0].numpy()
+             for s in range(0, len(rows), 32)]
         )
-    labels = np.array([index.clips[chosen[i]].label for i in kept])
+    labels = data.labels[rows]
     points = TSNE(n_components=2, perplexity=min(30, max(2, len(cls) - 1) / 3), random_state=0).fit_transform(cls)
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5, 5))

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ..backbone import load_backbone
-from ..data import FeatureCache, SpecAugment, few_shot_subset, get_dataset, write_bad_audio_report
+from ..data import SpecAugment, few_shot_subset, get_dataset, index_features, write_bad_audio_report
 from ..frontend import FbankConfig
 from ..petl import PETLModel, build_model, learning_rate_family, resolve_methods
 from .checkpoint import write_json
@@ -84,14 +84,10 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         splits = [splits[f - 1] for f in config.folds]
 
     fbank = FbankConfig(max_frames=config.max_frames)
-    features, kept, bad = FeatureCache(config.cache_dir).features(
-        [clip.path for clip in index.clips], fbank, skip_bad_audio=config.skip_bad_audio, progress=config.progress
-    )
-    if bad:
-        write_bad_audio_report(run_dir / "bad_audio.txt", bad)
-    position = np.full(len(index.clips), -1, dtype=np.int64)
-    position[np.asarray(kept, dtype=np.int64)] = np.arange(len(kept))
-    labels = np.asarray([index.clips[i].label for i in kept], dtype=np.int64)
+    data = index_features(index, fbank, config.cache_dir, config.skip_bad_audio, config.progress)
+    if data.bad:
+        write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
+    features, labels = data.features, data.labels
 
     backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
     linear_probe = config.embedding_cache and all(m.to_dict()["method"] == "linear" for m in methods)
@@ -102,7 +98,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
     results = []
     for split in splits:
         split_dir = run_dir / split.name
-        train_idx = _positions(position, split.train)
+        train_idx = data.rows(split.train)
         if config.few_shot:
             train_idx = few_shot_subset(labels, train_idx, config.few_shot, seed=config.few_shot_seed)
         torch.manual_seed(config.seed)
@@ -136,8 +132,8 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         metrics = fit(
             model,
             Batches(inputs, labels, train_idx),
-            Batches(inputs, labels, _positions(position, split.valid)),
-            Batches(inputs, labels, _positions(position, split.test)),
+            Batches(inputs, labels, data.rows(split.valid)),
+            Batches(inputs, labels, data.rows(split.test)),
             settings,
             split_dir,
             forward=forward,
@@ -157,16 +153,10 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         "test_accuracy_std": float(accuracies.std()),
         "trainable_parameters": results[0]["trainable_parameters"],
         "paper_parameters": results[0]["paper_parameters"],
-        "num_bad_audio": len(bad),
+        "num_bad_audio": len(data.bad),
     }
     write_json(run_dir / METRICS, summary)
     return summary
-
-
-def _positions(position: np.ndarray, clip_indices) -> np.ndarray:
-    """Clip indices -> rows of the feature array, dropping clips skipped as bad audio."""
-    rows = position[np.asarray(clip_indices, dtype=np.int64)]
-    return rows[rows >= 0]
 
 
 def _parameter_counts(model: PETLModel) -> dict:
