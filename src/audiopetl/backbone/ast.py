@@ -102,7 +102,17 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/o projections and fused SDPA."""
+    """Multi-head self-attention with q/k/v/o projections and fused SDPA.
+
+    The projections stay four modules (their names are the checkpoint keys and the
+    ``Block.linear`` extension point), but by default (``fused_qkv``) q, k and v run as
+    one GEMM on the concatenated weights, and SDPA reads (batch, heads, tokens, head_dim)
+    strided views of its output: one cast of the input under autocast instead of three,
+    one wide matmul instead of three narrow ones, and no layout copies. A projection
+    wrapped as a :class:`LowRankUpdate` (LoRA) joins the fused GEMM with its frozen
+    ``base``, and its ``update(x)`` is added to its slice. Any other replacement module
+    makes the layer take the separate path, which computes the same function.
+    """
 
     def __init__(self, config: ASTConfig) -> None:
         super().__init__()
@@ -115,17 +125,156 @@ class Attention(nn.Module):
         # Extension point: a module called with the batch size, returning (keys, values),
         # each (batch, p, hidden), prepended to the projected keys and values.
         self.prefix: nn.Module | None = None
+        # Fast-path knob (not a parameter, not in the state dict): see the class docstring.
+        self.fused_qkv = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
-        q, k, v = self.q(x), self.k(x), self.v(x)
+        projections = (self.q, self.k, self.v)
+        if self.fused_qkv and _fusable(projections):
+            qkv = self._fused_qkv(x, projections)
+            # (batch, tokens, 3, heads, head_dim) -> three strided (batch, heads, tokens, head_dim) views.
+            q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (_heads(p(x), self.num_heads) for p in projections)
         if self.prefix is not None:
-            prefix_k, prefix_v = self.prefix(batch)
-            k = torch.cat([prefix_k.to(k.dtype), k], dim=1)
-            v = torch.cat([prefix_v.to(v.dtype), v], dim=1)
-        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+            prefix_k, prefix_v = (_heads(t, self.num_heads) for t in self.prefix(batch))
+            k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
+            v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).reshape(batch, length, dim))
+
+    @staticmethod
+    def _fused_qkv(x: torch.Tensor, projections: tuple[nn.Module, ...]) -> torch.Tensor:
+        """(batch, tokens, 3 * hidden): q, k and v side by side, low-rank updates included."""
+        if torch.is_autocast_enabled(x.device.type):
+            # Cast once for the fused GEMM and the updates (autocast would cast per call, and
+            # each low-rank down-projection would save its own copy for the backward).
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        bases = [_base(p) for p in projections]
+        weights = [base.weight for base in bases]
+        bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])
+        if any(w.requires_grad for w in weights):
+            qkv = F.linear(x, torch.cat(weights), bias)
+        else:
+            qkv = _FrozenLinear.apply(x, bias, *weights)
+        updates = [p if isinstance(p, LowRankUpdate) and not p.merged else None for p in projections]
+        if all(u is None for u in updates):
+            return qkv
+        # All updates as one pair of GEMMs: stacked down-projections, then a block-diagonal
+        # up-projection (zero rows for a projection without update) accumulated into qkv by
+        # addmm, so no extra (tokens, 3 * hidden) sum is materialised or saved.
+        factors = [u.factors() if u is not None else None for u in updates]
+        downs = torch.cat([f[0] for f in factors if f is not None])
+        ups = torch.block_diag(
+            *(f[1] if f is not None else base.weight.new_zeros(base.out_features, 0) for f, base in zip(factors, bases))
+        )
+        low = F.linear(x, downs).flatten(0, 1)
+        return torch.addmm(qkv.flatten(0, 1), low, ups.t().to(low.dtype)).view(qkv.shape)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``x W^T + b`` with ``W`` the row-wise concatenation of frozen ``weights``.
+
+    Plain autograd would save the concatenated ``W`` (a new tensor) for the input gradient;
+    this saves the weights themselves (no new memory) and concatenates again in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*weights)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, torch.cat(weights).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
+        grad_x = grad @ torch.cat(weights).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.flatten(0, -2).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, *(None for _ in weights)
+
+
+class LowRankUpdate(nn.Module):
+    """What a projection wrapper exposes to join the fused q/k/v GEMM (see :class:`Attention`).
+
+    ``base`` is the wrapped ``nn.Linear``; ``factors()`` returns ``(down, up)`` of shapes
+    (rank, in) and (out, rank), scaling folded in, with ``forward(x) == base(x) + x down^T up^T``
+    while not ``merged`` (once merged the update lives in ``base.weight`` and is skipped).
+    """
+
+    base: nn.Linear
+    merged: bool
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _base(projection: nn.Module) -> nn.Linear:
+    return projection.base if isinstance(projection, LowRankUpdate) else projection
+
+
+def _fusable(projections: tuple[nn.Module, ...]) -> bool:
+    """Plain ``nn.Linear`` (or low-rank wrappers of one) with the same input size and bias presence."""
+    bases = [_base(p) for p in projections]
+    return (
+        all(type(p) is nn.Linear or isinstance(p, LowRankUpdate) for p in projections)
+        and all(type(base) is nn.Linear for base in bases)
+        and len({(base.in_features, base.bias is None, base.weight.dtype) for base in bases}) == 1
+    )
+
+
+def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(batch, tokens, hidden) -> (batch, heads, tokens, head_dim), a view."""
+    return t.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``x W^T + b`` with ``W`` the row-wise concatenation of frozen ``weights``.
+
+    Plain autograd would save the concatenated ``W`` (a new tensor) for the input gradient;
+    this saves the weights themselves (no new memory) and concatenates again in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*weights)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, torch.cat(weights).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
+        grad_x = grad @ torch.cat(weights).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.flatten(0, -2).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, *(None for _ in weights)
+
+
+class LowRankUpdate(nn.Module):
+    """What a projection wrapper exposes to join the fused q/k/v GEMM (see :class:`Attention`).
+
+    ``base`` is the wrapped ``nn.Linear``; ``update(x)`` is the term added to ``base(x)``;
+    while ``merged`` is true the update already lives in ``base.weight`` and is skipped.
+    The wrapper's own ``forward`` must equal ``base(x) + update(x)`` (unmerged).
+    """
+
+    base: nn.Linear
+    merged: bool
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _fusable_base(projection: nn.Module) -> nn.Linear | None:
+    if type(projection) is nn.Linear:
+        return projection
+    if isinstance(projection, LowRankUpdate) and type(projection.base) is nn.Linear:
+        return projection.base
+    return None
+
+
+def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(batch, tokens, hidden) -> (batch, heads, tokens, head_dim), a view."""
+    return t.unflatten(-1, (num_heads, -1)).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -276,6 +425,11 @@ class AST(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.norm(self.encode(features))
 
+    def set_fused_qkv(self, enabled: bool) -> None:
+        """Switch the fused q/k/v GEMM of every block (default on; the function is the same)."""
+        for block in self.blocks:
+            block.attn.fused_qkv = enabled
+
 
 def pool(hidden: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     """Sequence -> one vector per clip.
@@ -301,6 +455,7 @@ __all__ = [
     "ASTConfig",
     "Attention",
     "Block",
+    "LowRankUpdate",
     "MLP",
     "NUM_SPECIAL_TOKENS",
     "POOLINGS",

@@ -116,7 +116,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (default): bf16 on CUDA and on CPUs with fast bf16, else fp32")
     for flag, help_text in (
         ("grad-checkpointing", "activation checkpointing for long clips (default: off)"),
-        ("compile", "torch.compile the model (default: off)"),
+        ("compile", "torch.compile the model (default: on for CUDA, off on CPU)"),
         ("embedding-cache", "linear probing: train the head on cached embeddings (default: on)"),
         ("tensorboard", "also log to TensorBoard (default: off)"),
         ("progress", "progress bars (default: on)"),

@@ -13,12 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone.ast import AST
+from ..backbone.ast import AST, LowRankUpdate
 from .config import LoRAConfig, reduced_size
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LowRankUpdate):
     """``y = base(x) + scaling * x A B``, with A: (in, r), B: (r, out).
+
+    As a :class:`~audiopetl.backbone.ast.LowRankUpdate`, a LoRA on q, k or v lets the
+    attention run its frozen ``base`` inside the fused q/k/v GEMM and add its update there.
 
     ``lora_down`` holds A and ``lora_up`` holds B, stored as ``nn.Linear`` weights
     ((out, in) layout). A is initialised as ``nn.Linear`` would (kaiming-uniform,
@@ -38,6 +41,9 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_up @ self.lora_down) * self.scaling
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_down, self.lora_up * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

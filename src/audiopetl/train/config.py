@@ -47,7 +47,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | None = None  # torch.compile the model; None: on for CUDA (measured to pay), off on CPU
     embedding_cache: bool = True  # linear probing: train the head on cached embeddings
     adapter_dtype: str = "fp32"  # storage of the shipped adapter file: fp32 (exact), fp16 or bf16 (half size)
     skip_bad_audio: bool = False

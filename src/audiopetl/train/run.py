@@ -125,7 +125,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         if linear_probe:
             inputs, forward = embeddings, LinearProbeForward(model)
         else:
-            if config.compile:
+            if config.compile if config.compile is not None else device.type == "cuda":
                 forward = torch.compile(model)
             if config.specaugment:
                 augment = SpecAugment()
