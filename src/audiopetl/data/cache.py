@@ -14,11 +14,17 @@ rerun reports them, or skips them, without decoding anything again.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,8 +159,15 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def _compute(paths: list[str], config: FbankConfig, out, progress: bool) -> list[tuple[int, str]]:
-    """Write the features of every decodable file to `out`, in order; return the bad ones."""
+def _compute(
+    paths: list[str], config: FbankConfig, out, progress: bool, workers: int | None = None
+) -> list[tuple[int, str]]:
+    """Write the features of every decodable file to `out`, in order; return the bad ones.
+
+    Decoding and resampling (the slow part) run in `workers` processes (default: one per
+    usable core, at least `FILES_PER_WORKER` files each); the filterbank runs here, batched.
+    """
+    workers = _decode_workers(len(paths)) if workers is None else workers
     fbank = Fbank(config)
     bad: list[tuple[int, str]] = []
     pending: list[torch.Tensor] = []
@@ -165,19 +178,66 @@ def _compute(paths: list[str], config: FbankConfig, out, progress: bool) -> list
         out.write(fbank(waves, lengths=lengths).numpy().astype(np.float32, copy=False).tobytes())
         pending.clear()
 
-    # Decoding stays in this loop (no worker processes): on 2 cores they would only compete.
-    for i, path in enumerate(tqdm(paths, desc="computing features", unit="clip", disable=not progress)):
-        try:
-            wave = load_audio(path, sample_rate=config.sample_rate)
-        except AudioError as error:
-            bad.append((i, error.reason))
-            continue
-        pending.append(torch.from_numpy(wave[: config.max_samples]))  # later samples never reach a frame
-        if len(pending) == BATCH:
-            flush()
+    decode = functools.partial(_decode, sample_rate=config.sample_rate, max_samples=config.max_samples)
+    with _ordered_map(decode, paths, workers) as results:
+        for i, result in enumerate(tqdm(results, total=len(paths), desc="computing features", unit="clip",
+                                        disable=not progress)):
+            if isinstance(result, str):
+                bad.append((i, result))
+                continue
+            pending.append(torch.from_numpy(result))
+            if len(pending) == BATCH:
+                flush()
     if pending:
         flush()
     return bad
+
+
+FILES_PER_WORKER = 32  # below this a worker process costs more (start-up, imports) than it saves
+
+
+def _decode_workers(num_files: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, num_files // FILES_PER_WORKER))
+
+
+def _decode(path: str, sample_rate: int, max_samples: int) -> np.ndarray | str:
+    """The waveform of `path` up to `max_samples` (later samples never reach a frame), or why it is unusable."""
+    try:
+        return load_audio(path, sample_rate=sample_rate)[:max_samples]
+    except AudioError as error:
+        return error.reason
+
+
+@contextlib.contextmanager
+def _ordered_map(function, items: list, workers: int):
+    """`map(function, items)` in input order, over `workers` processes when more than one.
+
+    At most a few results per worker wait in memory, so a slow consumer never holds a
+    whole dataset of decoded audio; on error or interrupt, queued work is cancelled.
+    """
+    if workers <= 1:
+        yield map(function, items)
+        return
+    # forkserver/spawn: forking a process that runs torch's thread pools is not safe.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+
+    def results():
+        queue: collections.deque = collections.deque()
+        remaining = iter(items)
+        for item in itertools.islice(remaining, 4 * workers):
+            queue.append(pool.submit(function, item))
+        while queue:
+            result = queue.popleft().result()
+            for item in itertools.islice(remaining, 1):
+                queue.append(pool.submit(function, item))
+            yield result
+
+    try:
+        yield results()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def list_cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry]:
