@@ -425,6 +425,17 @@ class AST(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.norm(self.encode(features))
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` each block in place (regional compilation).
+
+        The blocks share one code path, so one compiled graph serves all of them (one per
+        distinct block wiring, e.g. DPT's first block): compile time is that of one block,
+        not of the whole network. Parameter names and the extension points are unchanged;
+        switch extension modules before compiling (a change recompiles).
+        """
+        for block in self.blocks:
+            block.compile(**options)
+
     def set_fused_qkv(self, enabled: bool) -> None:
         """Switch the fused q/k/v GEMM of every block (default on; the function is the same)."""
         for block in self.blocks:

@@ -126,7 +126,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             inputs, forward = embeddings, LinearProbeForward(model)
         else:
             if config.compile if config.compile is not None else device.type == "cuda":
-                forward = torch.compile(model)
+                model.backbone.compile_blocks()
             if config.specaugment:
                 augment = SpecAugment()
         metrics = fit(
