@@ -141,14 +141,15 @@ class Bottleneck(nn.Module):
         return self.up(F.gelu(self.down(x)))
 
 
-def hf(method: str, frames: int, attention: str, tiny: bool):
+def hf(method: str, frames: int, attention: str, tiny: bool, checkpoint: Path | None = None):
     """transformers' model with the method attached the way a script on top of it would."""
     from transformers import ASTModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the expected "position table re-initialised" report
     backbone = ASTModel.from_pretrained(
-        checkpoint_dir(tiny), max_length=frames, ignore_mismatched_sizes=True, attn_implementation=attention
+        checkpoint or checkpoint_dir(tiny), max_length=frames, ignore_mismatched_sizes=True,
+        attn_implementation=attention,
     )
     dim = hidden_size(tiny)
     model = HFClassifier(backbone, dim)
