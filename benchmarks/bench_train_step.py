@@ -114,7 +114,7 @@ def ours(method: str, frames: int, dtype: torch.dtype, tiny: bool, fused: bool =
     # so the numerics check compares like with like; it costs the same as "adapt".
     backbone = load_backbone(checkpoint_dir(tiny), max_frames=frames, pos_embed="zeros")
     backbone.set_fused_qkv(fused)
-    model = build_model(backbone, resolve_methods(METHODS[method]), num_classes=NUM_CLASSES)
+    model = build_model(backbone, resolve_methods(METHODS.get(method, method)), num_classes=NUM_CLASSES)
     with torch.no_grad():
         model.head.load_state_dict(head(hidden_size(tiny)).state_dict())
     return model
