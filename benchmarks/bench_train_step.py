@@ -351,18 +351,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for method in methods:
             differences[method, frames] = difference = check(method, frames, device, args.tiny)
             assert difference < 1e-3, f"{method}: losses of audiopetl and transformers differ by {difference}"
-    # Sides in the order given, each over every shape and method: under a time budget the
-    # first sides (ours and the main peers) are complete before optional ones start.
+    # Under a time budget, sides in the order given, each over every shape and method, so the
+    # first sides (ours and the main peers) are complete before optional ones start; otherwise
+    # the sides of one method and shape run back to back (paired under drifting machine load).
+    order = [(side, shape, method) for side in sides for shape in shapes for method in methods]
+    if args.budget_s == float("inf"):
+        order.sort(key=lambda item: (shapes.index(item[1]), methods.index(item[2])))
     jobs = []
-    for side in sides:
-        for frames, batch in shapes:
-            for method in methods:
-                if side == "hf-sdpa-compile" and method not in args.peer_compile_methods.split(","):
-                    continue
-                compiled = "compile" in side or (side == "audiopetl" and cuda)
-                warmup = args.warmup if args.warmup is not None else (3 if compiled else 1)
-                jobs.append({"side": side, "method": method, "frames": frames, "batch": batch,
-                             "steps": steps, "warmup": warmup, "compile_mode": args.compile_mode})
+    for side, (frames, batch), method in order:
+        if side == "hf-sdpa-compile" and method not in args.peer_compile_methods.split(","):
+            continue
+        compiled = "compile" in side or (side == "audiopetl" and cuda)
+        warmup = args.warmup if args.warmup is not None else (3 if compiled else 1)
+        jobs.append({"side": side, "method": method, "frames": frames, "batch": batch,
+                     "steps": steps, "warmup": warmup, "compile_mode": args.compile_mode})
     payload = {"device": str(device), "precision": precision, "tiny": args.tiny, "deadline": deadline}
     if args.in_process:
         results = [measure_or_skip(job, payload) for job in jobs]
