@@ -258,6 +258,8 @@ def measure_or_skip(job: dict, payload: dict) -> dict:
         return {**job, "skipped": "time budget"}
     device = torch.device(payload["device"])
     dtype = torch.bfloat16 if payload["precision"] == "bf16" else torch.float32
+    print(f"[{time.strftime('%H:%M:%S')}] {job['side']} {job['method']} {job['frames']}x{job['batch']}",
+          file=sys.stderr, flush=True)
     try:
         return measure(job, device, dtype, payload["tiny"])
     except Exception as error:  # one failing side (e.g. out of memory) must not lose the others
