@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -215,9 +216,9 @@ def build_side(
     return model, forward, False, dtype
 
 
-def measure(job: dict, device: torch.device, dtype: torch.dtype, tiny: bool) -> dict:
-    side, method, frames, batch, steps = job["side"], job["method"], job["frames"], job["batch"], job["steps"]
-    reset_peak_memory(device)
+def make_step(job: dict, device: torch.device, dtype: torch.dtype, tiny: bool):
+    """(step function, trainable parameter count) of one side, built on ``device``."""
+    side, method, frames, batch = job["side"], job["method"], job["frames"], job["batch"]
     model, forward, fused, dtype = build_side(side, method, frames, dtype, device, tiny, job.get("compile_mode"))
     features, labels = inputs(frames, batch, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -232,6 +233,39 @@ def measure(job: dict, device: torch.device, dtype: torch.dtype, tiny: bool) -> 
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    return step, sum(p.numel() for p in params)
+
+
+def measure_paired(jobs: list[dict], device: torch.device, dtype: torch.dtype, tiny: bool) -> list[dict]:
+    """All sides of one method and shape in this process, their timed steps interleaved
+    (A B C A B C ...), each side's median step: a fair comparison on a machine whose load
+    drifts (a shared CPU). Peak memory is not per side here, so it is left out."""
+    built = []
+    for job in jobs:
+        step, trainable = make_step(job, device, dtype, tiny)
+        started = time.perf_counter()
+        for _ in range(job["warmup"]):
+            step()
+        built.append((job, step, trainable, time.perf_counter() - started, []))
+    for _ in range(jobs[0]["steps"]):
+        for job, step, _, _, times in built:
+            started = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+    results = []
+    for job, _, trainable, warmup_s, times in built:
+        seconds = statistics.median(times)
+        results.append({**job, "samples_per_s": job["batch"] / seconds, "step_s": seconds, "warmup_s": warmup_s,
+                        "peak_mb": float("nan"), "trainable": trainable, "step_times": times})
+    return results
+
+
+def measure(job: dict, device: torch.device, dtype: torch.dtype, tiny: bool) -> dict:
+    steps = job["steps"]
+    reset_peak_memory(device)
+    step, trainable = make_step(job, device, dtype, tiny)
+
     started = time.perf_counter()
     for _ in range(job["warmup"]):  # allocator, kernel selection, optimizer state, compilation
         step()
@@ -244,11 +278,11 @@ def measure(job: dict, device: torch.device, dtype: torch.dtype, tiny: bool) -> 
     seconds = (time.perf_counter() - started) / steps
     return {
         **job,
-        "samples_per_s": batch / seconds,
+        "samples_per_s": job["batch"] / seconds,
         "step_s": seconds,
         "warmup_s": warmup_s,
         "peak_mb": peak_memory_mb(device),
-        "trainable": sum(p.numel() for p in params),
+        "trainable": trainable,
         "loss": float(loss),
     }
 
@@ -319,6 +353,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="skip sides that would start later")
     parser.add_argument("--out", help="folder: append the tables to train_step.md and write train_step.json")
     parser.add_argument("--tiny", action="store_true", help="2-layer 128-wide model, 48x2: a smoke run in seconds")
+    parser.add_argument("--paired", action="store_true",
+                        help="in this process, the sides' timed steps interleaved, median per side "
+                             "(for a shared machine; no per-side peak memory)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every side in this process (fast start; CPU peak memory is then shared)")
     args = parser.parse_args(argv)
@@ -368,7 +405,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         jobs.append({"side": side, "method": method, "frames": frames, "batch": batch,
                      "steps": steps, "warmup": warmup, "compile_mode": args.compile_mode})
     payload = {"device": str(device), "precision": precision, "tiny": args.tiny, "deadline": deadline}
-    if args.in_process:
+    if args.paired:
+        dtype_ = torch.bfloat16 if precision == "bf16" else torch.float32
+        groups = {}
+        for job in jobs:
+            groups.setdefault((job["frames"], job["method"]), []).append(job)
+        results = [r for group in groups.values() for r in measure_paired(group, device, dtype_, args.tiny)]
+    elif args.in_process:
         results = [measure_or_skip(job, payload) for job in jobs]
     elif cuda:  # one process: interpreter and CUDA start-up once; peak memory is reset per side
         results = run_worker(__file__, json.dumps({**payload, "jobs": jobs}))["results"]
