@@ -290,6 +290,9 @@ class AST(nn.Module):
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"pos_embed": [self.pos_embed]}
 
+    def frontend_parameters(self) -> list[nn.Parameter]:
+        return []  # the filterbank frontend has no weights
+
     def pool(self, hidden: torch.Tensor, features: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         return pool(hidden, mode)
 

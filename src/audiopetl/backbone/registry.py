@@ -20,7 +20,8 @@ backbone it runs on:
   (named parameter groups for ``extra_trainable``), ``poolings`` and
   ``pool(hidden, inputs, mode)``;
 * ``frontend(max_frames)``: the :class:`~audiopetl.frontend.Frontend` that turns audio into
-  this model's input.
+  this model's input, and ``frontend_parameters()``: the weights it runs (frozen by every
+  method, full fine-tuning included, since the feature cache keeps their output).
 """
 
 from __future__ import annotations

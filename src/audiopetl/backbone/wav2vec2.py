@@ -399,6 +399,10 @@ class Wav2Vec2(nn.Module):
             "feature_projection": list(self.feature_projection.parameters()),
         }
 
+    def frontend_parameters(self) -> list[nn.Parameter]:
+        """The feature encoder's: the frontend runs it and the cache keeps its output, so nothing trains it."""
+        return list(self.feature_encoder.parameters())
+
     def frontend(self, max_frames: int, normalize: bool | None = None):
         """The waveform frontend feeding this model: ``max_frames`` 10-ms steps of 16 kHz audio,
         normalised per clip unless ``normalize`` (default: the checkpoint's ``do_normalize``) is False."""

@@ -30,6 +30,20 @@ class Frontend(Protocol):
     def __call__(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor: ...
 
 
+def frontend_from_settings(settings: dict, backbone) -> Frontend:
+    """Rebuild the frontend an adapter file records (``metadata["frontend"]``) for ``backbone``.
+
+    Filterbank settings are the :class:`FbankConfig` itself; a waveform frontend is the
+    backbone's feature encoder, refused if its weights differ from those the file names.
+    """
+    if settings.get("kind") != "waveform":
+        return Fbank(FbankConfig.from_dict(settings))
+    frontend = backbone.frontend(settings["max_frames"], normalize=settings["normalize"])
+    if frontend.settings != settings:
+        raise ValueError(f"the backbone's waveform frontend {frontend.settings} differs from the recorded {settings}")
+    return frontend
+
+
 def as_frontend(frontend: "Frontend | FbankConfig") -> Frontend:
     """A frontend from itself or from a bare :class:`FbankConfig` (the filterbank frontend)."""
     return Fbank(frontend) if isinstance(frontend, FbankConfig) else frontend
@@ -44,6 +58,7 @@ __all__ = [
     "WaveformConfig",
     "WaveformFrontend",
     "as_frontend",
+    "frontend_from_settings",
     "check_waveform",
     "kaldi_fbank",
     "load_audio",

@@ -17,7 +17,9 @@ from ..backbone.ast import AST
 from .config import BitFitConfig, FullFinetuneConfig, LinearProbeConfig
 
 def full_parameters(backbone: AST, config: FullFinetuneConfig) -> list[nn.Parameter]:
-    return list(backbone.parameters())
+    """Every backbone weight but the frontend's (a speech encoder's cached feature encoder)."""
+    frozen = {id(p) for p in backbone.frontend_parameters()}
+    return [p for p in backbone.parameters() if id(p) not in frozen]
 
 
 def linear_parameters(backbone: AST, config: LinearProbeConfig) -> list[nn.Parameter]:

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from ..backbone.ast import AST
+from ..backbone.ast import AST, NUM_SPECIAL_TOKENS
 from .config import PrefixConfig, PromptConfig
 
 
@@ -31,7 +31,7 @@ def _init_bound(backbone: AST) -> float:
 class PromptTokens(nn.Module):
     """Inserts (``replace=False``) or overwrites (``replace=True``) the prompt positions."""
 
-    def __init__(self, num_prompts: int, dim: int, bound: float, replace: bool, start: int) -> None:
+    def __init__(self, num_prompts: int, dim: int, bound: float, replace: bool, start: int = NUM_SPECIAL_TOKENS) -> None:
         super().__init__()
         self.prompts = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))
         self.replace = replace
