@@ -282,3 +282,13 @@ def test_train_on_a_folder_with_a_speech_backbone_end_to_end(tmp_path, capsys):
     evaluated = json.loads(capsys.readouterr().out)
     trained = json.loads((adapter.parent / "metrics.json").read_text())
     assert evaluated["test_accuracy"] == trained["test_accuracy"]
+
+
+def test_params_command_reads_a_speech_config(tmp_path, capsys):
+    from audiopetl.cli.main import main
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(transformers.HubertConfig().to_dict()))
+    assert main(["params", "--backbone-config", str(path), "--num-classes", "10"]) == 0
+    table = capsys.readouterr().out
+    assert "Bottleneck PF par" in table and "248,976" in table  # 12 x (2 x 768 x 12 + 12 + 768 + 2 x 768)

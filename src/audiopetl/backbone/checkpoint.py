@@ -495,13 +495,14 @@ def fingerprint_state_dict(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def backbone_fingerprint(model: AST) -> str:
-    """:func:`fingerprint_state_dict` of ``model.state_dict()``.
+def backbone_fingerprint(model) -> str:
+    """The weights fingerprint of a backbone of any family (:func:`~audiopetl.backbone.registry.fingerprint`;
+    for AST the same as :func:`fingerprint_state_dict` of ``model.state_dict()``).
 
     Take it on the backbone as loaded (``model.load_report.fingerprint``): training backbone
     tensors (BitFit, LayerNorm tuning) or another ``max_frames`` / ``pos_embed`` changes it.
     """
-    return fingerprint_state_dict(model.state_dict())
+    return fingerprint(model)
 
 
 __all__ = [

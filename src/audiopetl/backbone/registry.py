@@ -2,8 +2,8 @@
 
 A family is one module that defines ``MODEL_TYPES`` (the ``model_type`` values of the
 transformers ``config.json`` files it reads), ``CONFIG`` / ``MODEL`` (its config dataclass
-and model class), ``from_transformers(state, config_json, source) -> (model, ignored keys)``
-and ``PRESETS`` / ``preset(name)`` (offline models with fixed-seed weights). Adding a
+and model class), ``config_from_transformers(config_json, source)``,
+``from_transformers(state, config_json, source) -> (model, ignored keys)`` and ``PRESETS`` / ``preset(name)`` (offline models with fixed-seed weights). Adding a
 backbone is that module plus one line in :data:`FAMILIES`. AST, whose original release has
 no ``config.json``, is read by :mod:`~audiopetl.backbone.checkpoint` itself.
 
