@@ -292,3 +292,39 @@ def test_params_command_reads_a_speech_config(tmp_path, capsys):
     assert main(["params", "--backbone-config", str(path), "--num-classes", "10"]) == 0
     table = capsys.readouterr().out
     assert "Bottleneck PF par" in table and "248,976" in table  # 12 x (2 x 768 x 12 + 12 + 768 + 2 x 768)
+
+
+@pytest.mark.parametrize("backbone_name", ["tiny-random-wav2vec2", "tiny-random-wav2vec2-stable"])
+def test_linear_probe_embedding_cache_equals_the_model(backbone_name):
+    """Cached embeddings (masked mean of the un-affined final norm) + the norm's affine and head = the model."""
+    from audiopetl.train.embeddings import LinearProbeForward, pooled_embeddings
+
+    backbone = load_backbone(backbone_name)
+    features = _features(backbone)
+    model = build_model(copy.deepcopy(backbone), "linear", num_classes=3)
+    with torch.no_grad():
+        model.backbone.norm.weight.uniform_(0.5, 1.5)
+        model.backbone.norm.bias.uniform_(-0.5, 0.5)
+        settings = LoopSettings(epochs=1, batch_size=2, lr=1e-3, progress=False)
+        embeddings = pooled_embeddings(model.backbone, features.numpy(), "mean", settings)
+        torch.testing.assert_close(LinearProbeForward(model)(torch.from_numpy(embeddings)), model(features),
+                                   rtol=0, atol=1e-5)
+
+
+def test_bf16_storage_and_gradient_checkpointing_on_a_speech_backbone():
+    backbone = load_backbone("tiny-random-wavlm")
+    features = _features(backbone)
+    model = build_model(copy.deepcopy(backbone), {"method": "lora", "reduction_rate": 16}, num_classes=2)
+    reference = model(features).sum()
+    reference.backward()
+    expected = [p.grad.clone() for p in model.trainable_parameters()]
+    model.zero_grad()
+    model.backbone.gradient_checkpointing = True
+    torch.testing.assert_close(model(features).sum(), reference)
+    model(features).sum().backward()
+    for grad, param in zip(expected, model.trainable_parameters()):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
+    model.cast_frozen(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(features)
+    assert torch.isfinite(logits).all()
