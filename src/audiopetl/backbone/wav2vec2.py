@@ -279,6 +279,10 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(batch, length, dim))
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class PostNormTaps(SublayerTaps):
     """The taps of a post-LN sub-layer ``LN(x + f(x))``.
 
@@ -289,7 +293,7 @@ class PostNormTaps(SublayerTaps):
     """
 
     def forward(self, x: torch.Tensor, norm: nn.Module, sublayer: nn.Module) -> torch.Tensor:
-        return norm(super().forward(x, nn.Identity(), sublayer))
+        return norm(super().forward(x, _identity, sublayer))
 
 
 class SpeechBlock(Block):
@@ -327,7 +331,7 @@ class SpeechBlock(Block):
         bias = position_bias(x.shape[1]) if position_bias is not None else None
         attention = functools.partial(self.attn, mask=mask, bias=bias)
         x = self.mhsa(x, self.norm1, attention)
-        return self.ffn(x, self.norm2 if final_norm else nn.Identity(), self.mlp), mask
+        return self.ffn(x, self.norm2 if final_norm else _identity, self.mlp), mask
 
 
 class Wav2Vec2(nn.Module):

@@ -355,7 +355,8 @@ def run_report(args: argparse.Namespace) -> None:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-run"), help="folder for data, runs and adapters")
     parser.add_argument("--backbone", default="tiny-random",
-                        help="'tiny-random' (offline, random weights) or a hub id / folder for real weights")
+                        help="'tiny-random' (offline AST, random weights), 'tiny-random-wav2vec2' (or -hubert, "
+                             "-wavlm: offline speech encoders) or a hub id / folder for real weights")
     parser.add_argument("--epochs", type=int, default=None, help="default: 20 (tiny) / 3 (real backbone)")
     parser.add_argument("--clips-per-class", type=int, default=32, help="size of the generated dataset")
 
