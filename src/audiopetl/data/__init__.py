@@ -22,6 +22,7 @@ from .fewshot import few_shot_subset
 from .folder import FolderDataset
 from .fsc import FluentSpeechCommands
 from .gsc import SpeechCommands
+from .iemocap import IEMOCAP
 from .protocols import given_split, rotation_splits, stratified_split
 from .registry import DATASETS, get_dataset
 from .us8k import UrbanSound8K
@@ -41,6 +42,7 @@ __all__ = [
     "FeatureDataset",
     "FluentSpeechCommands",
     "FolderDataset",
+    "IEMOCAP",
     "IndexedFeatures",
     "Source",
     "SpecAugment",
