@@ -258,3 +258,22 @@ def test_mixture_modules_sit_in_the_taps_only():
         assert [type(b) for b in block.mhsa.branches] == [MixtureBranch]
         assert [type(b) for b in block.ffn.branches] == [MixtureBranch]
         assert not block.mhsa.input_transforms and not block.mhsa.output_transforms
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+
+def test_follow_up_recipes_cover_methods_datasets_and_ablations(tmp_path, capsys):
+    from audiopetl.cli.main import main
+    from audiopetl.experiments.recipes import expand, load_recipe
+
+    methods = expand(load_recipe("moa_methods"))
+    assert {r.labels["dataset"] for r in methods} == {"esc50", "us8k", "gsc", "fsc"}
+    kinds = {method_from_dict(r.options["method"]).method for r in methods}
+    assert kinds == {"adapter", "dense_moa", "soft_moa"}
+    adapters = {method_from_dict(r.options["method"]).num_adapters for r in expand(load_recipe("moa_num_adapters"))}
+    assert adapters == {2, 4, 7, 10, 15}
+    grid = {(c.num_adapters, c.num_slots) for c in
+            (method_from_dict(r.options["method"]) for r in expand(load_recipe("moa_num_slots")))}
+    assert {p for _, p in grid} == {1, 2} and len(grid) == 8
+    assert main(["reproduce", "moa_methods", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("would run") == 6 * 4

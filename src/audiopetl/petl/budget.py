@@ -71,6 +71,14 @@ PAPER_ROWS: list[tuple[str, str, Any, int | None, str]] = [
         for ins, pos in (("sequential", "after"), ("parallel", "before"))
         for res in (True, False)
     ],
+    # The paper's code base beyond the paper (no published counts): the Conformer adapter and
+    # the Soft-MoA follow-up's mixtures at its authors' defaults (7 bottleneck experts, RR 128).
+    ("code", "Conformer PF par (RR 64, k 31)", "conformer_pf_par", None, ""),
+    ("code", "Conformer HOU par (RR 64, k 31)", "conformer_hou_par", None, ""),
+    ("MoA", "Dense-MoA PF MHSA (N 7)", "dense_moa", None, ""),
+    ("MoA", "Soft-MoA PF MHSA (N 7, p 1)", "soft_moa", None, ""),
+    ("MoA", "Dense-MoA HOU (N 7)", {"method": "dense_moa", "layout": "houlsby"}, None, ""),
+    ("MoA", "Soft-MoA HOU (N 7, p 1)", {"method": "soft_moa", "layout": "houlsby"}, None, ""),
 ]
 
 
