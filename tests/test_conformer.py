@@ -146,3 +146,26 @@ def test_vit_b_counts_and_presets():
         AdapterConfig(module="conv")
     with pytest.raises(ValueError, match="AdapterConfig.kernel_size must be a positive integer"):
         AdapterConfig(module="conformer", kernel_size=0)
+
+
+def test_training_selects_the_best_epoch_with_its_batchnorm_statistics(tmp_path):
+    from safetensors.torch import load_file
+
+    from audiopetl.experiments.synthetic import make_synthetic_dataset
+    from audiopetl.train import ADAPTER, TrainConfig, run_training
+    from audiopetl.train.checkpoint import load_checkpoint
+
+    data = make_synthetic_dataset(tmp_path / "data", clips_per_class=6, seconds=1.0, seed=1)
+    summary = run_training(TrainConfig(
+        dataset="folder", data_root=str(data), backbone="tiny-random", max_frames=100, epochs=3, batch_size=8,
+        method={"method": "conformer_pf_par", "reduction_rate": 16, "kernel_size": 3},
+        cache_dir=str(tmp_path / "cache"), progress=False, device="cpu",
+    ), tmp_path / "run")
+    split_dir = tmp_path / "run" / summary["splits"][0]["split"]
+    best = load_checkpoint(split_dir / "checkpoint.pt")["best"]["state"]
+    statistics = [name for name in best if name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(statistics) == 3 * 4  # tiny-random: 4 layers, one Conformer each
+    shipped = load_file(str(split_dir / ADAPTER))
+    assert set(shipped) == set(best)
+    for name, tensor in best.items():
+        assert torch.equal(shipped[name], tensor), name

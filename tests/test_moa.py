@@ -277,3 +277,18 @@ def test_follow_up_recipes_cover_methods_datasets_and_ablations(tmp_path, capsys
     assert {p for _, p in grid} == {1, 2} and len(grid) == 8
     assert main(["reproduce", "moa_methods", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("would run") == 6 * 4
+
+
+def test_command_line_options_set_the_mixture_fields():
+    from audiopetl.cli.commands import config_from_args
+    from audiopetl.cli.main import build_parser
+
+    def method(*options):
+        args = build_parser().parse_args(["train", "--dataset", "esc50", "--data-root", "x", *options])
+        return method_from_dict(config_from_args(args).method)
+
+    assert method("--method", "soft_moa", "--num-adapters", "4", "--num-slots", "2", "--layout", "houlsby") == \
+        SoftMoAConfig(layout="houlsby", num_adapters=4, num_slots=2)
+    assert method("--method", "dense_moa", "--location", "ffn").location == "ffn"
+    with pytest.raises(ValueError, match="num_slots"):
+        method("--method", "dense_moa", "--num-slots", "2")

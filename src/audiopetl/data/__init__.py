@@ -1,5 +1,5 @@
 """Datasets and everything between audio files and training batches: the four paper
-benchmarks and your own data, their evaluation protocols, few-shot subsets, SpecAugment,
+benchmarks, IEMOCAP and your own data, their evaluation protocols, few-shot subsets, SpecAugment,
 the feature cache, bad-audio handling and dataset downloads."""
 
 from .augment import SpecAugment

@@ -202,7 +202,7 @@ class AdapterConfig(_MethodConfig):
 
 
 @dataclass(frozen=True)
-class _MixtureConfig(_MethodConfig):
+class MixtureConfig(_MethodConfig):
     """Fields shared by the mixtures of adapters (Cappellazzo et al., Interspeech 2024).
 
     ``num_adapters`` experts (``module``: bottleneck or convpass, width
@@ -249,22 +249,22 @@ class _MixtureConfig(_MethodConfig):
 
 
 @dataclass(frozen=True)
-class DenseMoAConfig(_MixtureConfig):
+class DenseMoAConfig(MixtureConfig):
     """Dense mixture of adapters: a linear router's softmax over the experts weights, per
-    token, the sum of every expert's output. See :class:`_MixtureConfig` for the fields."""
+    token, the sum of every expert's output. See :class:`MixtureConfig` for the fields."""
 
     method: ClassVar[str] = "dense_moa"
 
 
 @dataclass(frozen=True)
-class SoftMoAConfig(_MixtureConfig):
+class SoftMoAConfig(MixtureConfig):
     """Soft mixture of adapters (after Soft MoE, Puigcerver et al. 2024).
 
     Each expert has ``num_slots`` slots; a slot is a dispatch-weighted average of all tokens,
     and each token's output a combine-weighted sum of all slot outputs. ``normalize``:
     l2-normalise the tokens and the slot parameters before their product, with a learned
     scale (the Soft MoE paper's normalisation; the follow-up left it off).
-    See :class:`_MixtureConfig` for the shared fields.
+    See :class:`MixtureConfig` for the shared fields.
     """
 
     method: ClassVar[str] = "soft_moa"

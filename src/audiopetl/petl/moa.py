@@ -24,10 +24,10 @@ from torch import nn
 
 from ..backbone.ast import AST
 from .adapters import ADAPTER_MODULES
-from .config import DenseMoAConfig, SoftMoAConfig, reduced_size, _MixtureConfig
+from .config import DenseMoAConfig, MixtureConfig, SoftMoAConfig, reduced_size
 
 
-def _experts(config: _MixtureConfig, dim: int, rank: int) -> nn.ModuleList:
+def _experts(config: MixtureConfig, dim: int, rank: int) -> nn.ModuleList:
     return nn.ModuleList(ADAPTER_MODULES[config.module](dim, rank) for _ in range(config.num_adapters))
 
 
