@@ -209,10 +209,15 @@ def test_parameter_counts_from_first_principles(name):
     config = ALL[name]
     model = build_model(backbone(), config, num_classes=3)
     assert model.paper_parameter_count() == expected_count(config, TINY.hidden_size, TINY.num_layers)
-    # ViT-B, counted on the meta device: the follow-up's README example (7 bottleneck experts, RR 128).
+
+
+def test_vit_b_parameter_counts():
+    """ViT-B on the meta device, at the follow-up's README example (7 bottleneck experts, RR 128):
+    per layer 7 x 9,990 (experts) + 5,383 (router) or 5,376 (Phi) + 1,536 (LayerNorm)."""
     vitb = ASTConfig()
-    for cls in (DenseMoAConfig, SoftMoAConfig):
-        big = cls(num_adapters=7, reduction_rate=128)
+    assert count_method_parameters(DenseMoAConfig(), vitb) == 12 * (7 * 9_990 + 5_383 + 1_536) == 922_188
+    assert count_method_parameters(SoftMoAConfig(), vitb) == 12 * (7 * 9_990 + 5_376 + 1_536) == 922_104
+    for big in (DenseMoAConfig(layout="houlsby", module="convpass"), SoftMoAConfig(num_slots=2, normalize=True)):
         assert count_method_parameters(big, vitb) == expected_count(big, 768, 12)
 
 
