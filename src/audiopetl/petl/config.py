@@ -133,7 +133,7 @@ class LoRAConfig(_MethodConfig):
 
 @dataclass(frozen=True)
 class AdapterConfig(_MethodConfig):
-    """Bottleneck or Convpass adapters, bottleneck width ``hidden // reduction_rate``.
+    """Bottleneck, Convpass or Conformer adapters, bottleneck width ``hidden // reduction_rate``.
 
     ``layout``:
       * ``pfeiffer``: one adapter per layer in sub-layer ``location`` (default ``mhsa``, the

@@ -53,7 +53,7 @@ class SoftMixture(nn.Module):
     With ``normalize`` the logits are ``scale * <n / |n|, Phi / |Phi|>`` (norms over the
     hidden axis, ``scale`` learned, starting at 1); the slots still average the
     un-normalised tokens, as in Soft MoE. (The reference code normalises Phi over the
-    expert axis and builds the slots from normalised tokens; it never turned this on.)
+    expert axis and builds the slots from normalised tokens; its authors did not use it.)
     """
 
     def __init__(self, dim: int, rank: int, config: SoftMoAConfig) -> None:
