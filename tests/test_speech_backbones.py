@@ -19,6 +19,7 @@ from audiopetl.backbone.wav2vec2 import SpeechConfig, Wav2Vec2
 from audiopetl.data import index_features
 from audiopetl.data.folder import FolderDataset
 from audiopetl.petl import build_model, load_adapter
+from audiopetl.petl.config import ADAPTER_MODULES, MIXTURE_MODULES
 from audiopetl.petl.budget import count_method_parameters, parameter_budget
 from audiopetl.petl.registry import method_from_dict, method_names
 from audiopetl.train.loop import Batches, LoopSettings, fit
@@ -177,7 +178,7 @@ def test_adapters_in_every_placement_and_combinations(backbone_name):
     specs = [
         {"method": "adapter", "module": module, "layout": "pfeiffer", "location": location,
          "insertion": insertion, "position": position}
-        for module in ("bottleneck", "convpass")
+        for module in ADAPTER_MODULES
         for location in ("mhsa", "ffn")
         for insertion in ("parallel", "sequential")
         for position in ("before", "after")
@@ -186,6 +187,8 @@ def test_adapters_in_every_placement_and_combinations(backbone_name):
     specs += [[{"method": "adapter", "location": "ffn"}, {"method": "lora", "reduction_rate": 16},
                {"method": "dpt", "num_prompts": 3}, "bitfit"]]
     specs += [["prefix", {"method": "lora", "reduction_rate": 16, "targets": ["q", "v", "ffn_in", "ffn_out"]}]]
+    specs += [{"method": mixture, "module": module, "layout": layout, "num_adapters": 3, "reduction_rate": 16}
+              for mixture in ("dense_moa", "soft_moa") for module in MIXTURE_MODULES for layout in ("pfeiffer", "houlsby")]
     for spec in specs:
         torch.manual_seed(0)
         model = build_model(copy.deepcopy(backbone), spec, num_classes=2)
