@@ -331,3 +331,24 @@ def test_bf16_storage_and_gradient_checkpointing_on_a_speech_backbone():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(features)
     assert torch.isfinite(logits).all()
+
+
+def test_hub_id_dispatches_on_model_type_and_reads_the_preprocessor_config(tmp_path, monkeypatch):
+    """A hub repo with pytorch_model.bin (no safetensors), as facebook/wav2vec2-base-960h ships it."""
+    from test_checkpoint import fake_hub
+
+    hf = _hf_model("wavlm", stable=True)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    torch.save(hf.state_dict(), repo / "pytorch_model.bin")
+    (repo / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    (repo / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False, "return_attention_mask": True}))
+    requests = []
+    fake_hub(monkeypatch, repo, requests)
+    ours = load_backbone("microsoft/wavlm-large", cache_dir=tmp_path / "cache")
+    assert [r[1] for r in requests] == ["config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json"]
+    assert ours.config.model_type == "wavlm" and ours.source == "microsoft/wavlm-large"
+    assert ours.frontend(25).config.normalize is False and ours.frontend(25).config.attention_mask is True
+    waves = torch.randn(1, 4000) * 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ours.frontend(25)(waves)), hf(waves).last_hidden_state, **TOLERANCE)

@@ -61,12 +61,6 @@ def build_backbone(config) -> nn.Module:
     return MODEL_CLASSES[type(config)](config)
 
 
-def config_from_dict(values: dict):
-    """A backbone config from its ``to_dict()`` (adapter files): speech configs carry ``model_type``."""
-    family = family_for_type(values.get("model_type"))
-    return family.CONFIG.from_dict(values) if family else ASTConfig.from_dict(values)
-
-
 def fingerprint(model: nn.Module) -> str:
     """First 16 hex digits of a sha256 over the backbone's own tensors, of any family.
 
@@ -89,7 +83,6 @@ def fingerprint(model: nn.Module) -> str:
 __all__ = [
     "FAMILIES",
     "build_backbone",
-    "config_from_dict",
     "family_for_preset",
     "family_for_type",
     "fingerprint",
