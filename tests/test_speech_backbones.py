@@ -146,12 +146,18 @@ def _features(backbone, seed=0):
     return frontend(waves, torch.tensor([6400, 4000, 3000]))
 
 
+# Every registered method with its defaults, and the adapter modules beyond the default one.
+METHOD_SPECS = {name: {"method": name} for name in method_names()} | {
+    f"adapter-{module}": {"method": "adapter", "module": module} for module in ADAPTER_MODULES[1:]
+}
+
+
 @pytest.mark.parametrize("backbone_name", BACKBONES)
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", list(METHOD_SPECS))
 def test_every_method_on_every_backbone_trains_saves_and_reloads(tmp_path, backbone_name, method):
     backbone = load_backbone(backbone_name, max_frames=40)
     torch.manual_seed(0)
-    config = method_from_dict({"method": method})
+    config = method_from_dict(METHOD_SPECS[method])
     if hasattr(config, "reduction_rate"):  # the paper's RR leaves no rank at the tiny presets' width
         config = dataclasses.replace(config, reduction_rate=16)
     model = build_model(copy.deepcopy(backbone), config, num_classes=3, class_names=["a", "b", "c"])
