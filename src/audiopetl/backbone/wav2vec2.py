@@ -96,10 +96,12 @@ class SpeechConfig:
 
     @property
     def uses_attention_mask(self) -> bool:
-        """The rule of transformers' feature extractors: only "layer" (large) models take a padding mask.
+        """Only checkpoints with a LayerNorm feature encoder take a padding mask.
 
-        The group-normed base models were trained on unpadded batches; a mask would change
-        nothing in their GroupNorm, so they see zero padding as audio, as the published code does.
+        That is transformers' rule (their feature extractors set ``return_attention_mask``
+        for exactly these, e.g. wav2vec2-large-960h-lv60-self, HuBERT and WavLM large); its
+        docs say the group-normed ones (wav2vec2-base, -large-960h) should get zero-padded
+        input and no mask, as they were trained. The published PETL code pads without a mask.
         """
         return self.feat_extract_norm == "layer"
 

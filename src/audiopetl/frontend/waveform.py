@@ -4,11 +4,11 @@ convolutional feature encoder, run once per clip so the feature cache can keep i
 Rule for clips of different lengths (``WaveformConfig``): every clip is cut or zero-padded
 to ``max_frames`` 10-ms steps (``max_frames * 160`` samples at 16 kHz) and, with
 ``normalize``, first scaled to zero mean and unit variance over its own samples (the
-feature extractors' ``do_normalize``). Models with a LayerNorm feature encoder (the large
-"stable layer norm" checkpoints) get a padding mask (``attention_mask=True``): attention
+feature extractors' ``do_normalize``). Models with a LayerNorm feature encoder (the
+"stable layer norm" checkpoints: wav2vec 2.0 large-lv60, HuBERT and WavLM large) get a padding mask (``attention_mask=True``): attention
 and mean pooling skip the padding frames. The group-normed base models were trained
-without one and see the padded clip as it is (the mask column is all ones), as the
-published PETL code feeds them.
+without one and see the padded clip as it is (the mask column is all ones), as
+transformers' docs prescribe for them and the published PETL code feeds them.
 
 Output rows are ``(frames, conv_dim + 1)``: the feature encoder's output and, in the last
 column, 1 for frames the model should use and 0 for padding.
