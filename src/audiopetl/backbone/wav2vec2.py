@@ -4,14 +4,15 @@ The three share one architecture (Baevski et al. 2020; Hsu et al. 2021; Chen et 
 with the same maths as transformers' ``Wav2Vec2Model`` / ``HubertModel`` / ``WavLMModel``:
 
 * a convolutional feature encoder turns a 16 kHz waveform into one 512-dim vector per
-  20 ms (320x down-sampling), with a GroupNorm on its first layer ("group", the base
-  models) or a LayerNorm on every layer ("layer", the large models);
+  20 ms (320x down-sampling), with a GroupNorm on its first layer ("group": the base
+  models, wav2vec2-large-960h) or a LayerNorm on every layer ("layer": the "stable layer
+  norm" models, e.g. wav2vec2-large-960h-lv60-self, HuBERT and WavLM large);
 * a feature projection (LayerNorm, Linear to the hidden size), a grouped, weight-normed
   positional convolution added to its output;
 * Transformer blocks, in one of two layouts set by ``stable_layer_norm``:
-  post-LN (base models): a LayerNorm after the positional convolution, then per block
+  post-LN (the "group" models): a LayerNorm after the positional convolution, then per block
   ``h = LN1(x + MHSA(x))``, ``out = LN2(h + FFN(h))``;
-  pre-LN ("stable layer norm", large models): per block ``h = x + MHSA(LN1(x))``,
+  pre-LN (the "stable layer norm" models): per block ``h = x + MHSA(LN1(x))``,
   ``out = h + FFN(LN2(h))``, and a final LayerNorm after the last block;
 * WavLM adds a gated relative position bias to every attention: bucketed relative
   distances index a learned (buckets, heads) table (computed once, from the first
