@@ -291,6 +291,8 @@ def test_train_on_a_folder_with_a_speech_backbone_end_to_end(tmp_path, capsys):
     evaluated = json.loads(capsys.readouterr().out)
     trained = json.loads((adapter.parent / "metrics.json").read_text())
     assert evaluated["test_accuracy"] == trained["test_accuracy"]
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "(waveform)" in capsys.readouterr().out
 
 
 def test_params_command_reads_a_speech_config(tmp_path, capsys):
@@ -358,3 +360,21 @@ def test_hub_id_dispatches_on_model_type_and_reads_the_preprocessor_config(tmp_p
     waves = torch.randn(1, 4000) * 0.3
     with torch.no_grad():
         torch.testing.assert_close(ours(ours.frontend(25)(waves)), hf(waves).last_hidden_state, **TOLERANCE)
+
+
+def test_frontend_settings_name_the_encoder_weights():
+    from audiopetl.data.cache import FeatureCache
+    from audiopetl.frontend import frontend_from_settings
+
+    backbone = load_backbone("tiny-random-hubert")
+    settings = backbone.frontend(50).settings
+    assert settings["kind"] == "waveform" and settings["max_frames"] == 50
+    assert frontend_from_settings(settings, backbone).settings == settings
+    changed = copy.deepcopy(backbone)
+    with torch.no_grad():
+        changed.feature_encoder.layers[0].conv.weight.mul_(1.01)
+    assert changed.frontend(50).settings["encoder"] != settings["encoder"]
+    paths = ["/nonexistent/a.wav"]
+    assert FeatureCache("/tmp").key(paths, changed.frontend(50)) != FeatureCache("/tmp").key(paths, backbone.frontend(50))
+    with pytest.raises(ValueError, match="differs"):
+        frontend_from_settings(settings, changed)
