@@ -73,7 +73,7 @@ def start_server(adapters: list[str], log: Path, *extra: str, timeout: float = 1
     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = re.search(r"running on (http://127\.0\.0\.1:\d+)", log.read_text())
+        match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())
         if match:
             return process, match.group(1)
         if process.poll() is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
@@ -37,14 +38,27 @@ def run_serve(args: argparse.Namespace) -> None:
     limits = ServeLimits(int(args.max_upload_mb * 1_000_000), args.max_batch, args.max_wait_ms)
     tasks = load_tasks(args.adapters, resolve_device(args.device))
     app = create_app(tasks, limits, args.lora_batching)
+    # Bind here so the address (the real port, when --port 0) is printed whatever the log level.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections made before uvicorn starts wait in the backlog
+    except OSError as error:
+        sock.close()
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); choose another --port") from None
+    host, port = sock.getsockname()[:2]
     shared = app.state.engine.shared_index
     print(
         f"audiopetl serve: {len(tasks)} task(s) on one backbone: {', '.join(tasks)}"
-        + (f"; LoRA tasks sharing each backbone pass: {', '.join(shared)}" if shared else ""),
+        + (f"; LoRA tasks sharing each backbone pass: {', '.join(shared)}" if shared else "")
+        + f"\naudiopetl serve: listening on http://{f'[{host}]' if family == socket.AF_INET6 else host}:{port}/",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
+    server.run(sockets=[sock])
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

@@ -40,7 +40,11 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
-            raise ValueError(f"max_upload_bytes must be positive, got {self.max_upload_bytes}")
+            raise ValueError(f"--max-upload-mb must be positive, got {self.max_upload_bytes} bytes")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms}")
 
 
 class ClientError(Exception):
