@@ -225,3 +225,26 @@ def test_adapters_for_another_backbone_are_refused_naming_the_file(tmp_path, cap
     assert "other_frames.safetensors" in capsys.readouterr().err
     with pytest.raises(ValueError, match="given twice"):
         load_tasks([str(good), f"good={other}"], torch.device("cpu"))
+
+
+def test_a_real_fault_is_a_logged_500_and_the_server_keeps_answering(tmp_path, caplog):
+    from fastapi.testclient import TestClient
+
+    from audiopetl.serve import create_app
+
+    adapters = make_adapters(tmp_path)
+    tasks = load_tasks([f"{name}={path}" for name, path in adapters.items()], torch.device("cpu"))
+    clip = write_audio(tmp_path / "clip.wav", tone(500, 0.5), 16000).read_bytes()
+    broken = tasks["adapter"].model
+
+    def fault(features):  # a model that breaks at run time, as a driver or out-of-memory error would
+        raise RuntimeError("simulated device failure")
+
+    broken.forward = fault
+    with TestClient(create_app(tasks), raise_server_exceptions=False) as client:
+        answer = client.post("/v1/tasks/adapter/classify", content=clip)
+        assert answer.status_code == 500
+        assert answer.json()["error"] == "internal" and "RuntimeError" in answer.json()["message"]
+        assert "simulated device failure" in caplog.text  # the traceback is in the log, not in the answer
+        assert "simulated" not in answer.text
+        assert client.post("/v1/tasks/lora/classify", content=clip).status_code == 200
