@@ -10,8 +10,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-
 from serve_fixtures import make_adapters, make_clips, start_server, stop_server
 from audiopetl.experiments.inference import predict_files
 
@@ -25,7 +23,7 @@ def test_page_classifies_an_uploaded_wav(tmp_path):
     assert shutil.which(CHROMIUM) or Path(CHROMIUM).is_file(), (
         f"no Chromium at {CHROMIUM}: install Debian's `chromium` (.ci/browser does) or set AUDIOPETL_CHROMIUM"
     )
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
+    from playwright import sync_api  # the test extra installs it; its own browser download is never used
     adapters = make_adapters(tmp_path)
     clip = make_clips(tmp_path / "clips")[2]  # noise.flac: a 22.05 kHz FLAC
     expected = predict_files(adapters["adapter"], [clip], top_k=3, device="cpu")[0]

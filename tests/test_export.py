@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 
+import onnx
+import onnxruntime
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from serve_fixtures import FRAMES, METHODS, make_adapter
 from audiopetl.cli.main import main
 from audiopetl.petl import LinearProbeConfig, load_adapter
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 
 def features(batch: int) -> torch.Tensor:
@@ -72,9 +73,6 @@ def test_linear_probe_is_refused_for_peft(tmp_path):
 
 @pytest.mark.parametrize("name", ["lora", "adapter", "prompt_bitfit"])
 def test_onnx_export_gives_our_logits_at_any_batch_size(tmp_path, name):
-    onnx = pytest.importorskip("onnx")
-    onnxruntime = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
     adapter = make_adapter(tmp_path / f"{name}.safetensors", METHODS[name], seed=4)
     out = tmp_path / "model.onnx"
     assert main(["export", "onnx", str(adapter), str(out)]) == 0

@@ -129,7 +129,7 @@ def test_long_clip_is_truncated_as_in_training_and_says_so(served):
     assert "3.00 s" in answer["warning"] and f"{FRAMES} frames" in answer["warning"]
 
 
-def test_load_is_served_without_errors(served):
+def test_load_is_served_without_errors(served, capsys):
     """Bounded: 400 requests, 32 at a time, on loopback; prints latency and throughput."""
     url, adapters, clips, _ = served
     payloads = [clip.read_bytes() for clip in clips[:4]]
@@ -155,9 +155,10 @@ def test_load_is_served_without_errors(served):
     after = httpx.get(f"{url}/v1/stats").json()
     assert after["samples"] - before["samples"] == 400
     ms = sorted(1000 * t for t in latencies)
-    print(f"\nload test: 400 requests, 32 concurrent: p50 {statistics.median(ms):.1f} ms, "
-          f"p99 {ms[int(0.99 * len(ms)) - 1]:.1f} ms, {400 / elapsed:.1f} requests/s, "
-          f"{(after['samples'] - before['samples']) / max(1, after['batches'] - before['batches']):.1f} clips/batch")
+    with capsys.disabled():  # shown in every run's log, not only on failure
+        print(f"\nload test: 400 requests, 32 concurrent: p50 {statistics.median(ms):.1f} ms, "
+              f"p99 {ms[int(0.99 * len(ms)) - 1]:.1f} ms, {400 / elapsed:.1f} requests/s, "
+              f"{(after['samples'] - before['samples']) / max(1, after['batches'] - before['batches']):.1f} clips/batch")
 
 
 # ------------------------------------------------------------------ in-process: the engine and the batcher
