@@ -242,6 +242,10 @@ def test_a_real_fault_is_a_logged_500_and_the_server_keeps_answering(tmp_path, c
         raise RuntimeError("simulated device failure")
 
     broken.forward = fault
+    # In a batch mixing tasks, the failing pass fails its own requests only.
+    features = torch.zeros(1, FRAMES, 128)
+    failed, fine = Engine(tasks).run([("adapter", features), ("lora", features)])
+    assert isinstance(failed, RuntimeError) and isinstance(fine, torch.Tensor)
     with TestClient(create_app(tasks), raise_server_exceptions=False) as client:
         answer = client.post("/v1/tasks/adapter/classify", content=clip)
         assert answer.status_code == 500

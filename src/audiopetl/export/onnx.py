@@ -5,7 +5,7 @@ method's modules are part of the graph. The input is what ``predict`` feeds the 
 ``features`` (batch, frames, mel bins) from :class:`~audiopetl.frontend.Fbank`; the batch
 axis is dynamic. Uses torch's ``torch.export``-based exporter (needs ``onnxscript``): the
 TorchScript one records the batch size of the example as a constant. Class names, the
-frontend settings and the adapter's metadata go into the model's ``metadata_props``.
+frontend settings, the method configs and the backbone name go into ``metadata_props``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Handlers ``await submit(task, features)``; one worker coroutine takes the first waiting
 request, gathers more until the batch is full or the wait is over, and runs the batch on
 the :class:`~audiopetl.serve.tasks.Engine` in its own thread, so the event loop keeps
-accepting requests while the model runs. A failing batch fails only its own requests.
+accepting requests while the model runs. A pass that fails fails only its own requests.
 """
 
 from __future__ import annotations

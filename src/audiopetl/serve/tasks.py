@@ -159,8 +159,8 @@ class SharedLoRAPass(nn.Module):
         super().__init__()
         self.tasks = tasks
         first = tasks[0].model.backbone
-        # Shares every tensor of the first task's backbone; its projections are replaced below
-        # and its final LayerNorm is never used (each task applies its own).
+        # Shares every tensor of the first task's backbone; each projection that any task adapts
+        # is replaced below, and its final LayerNorm is never used (each task applies its own).
         self.backbone = copy.deepcopy(first, {id(p): p for p in first.parameters()})
         self.routing = _Routing()
         for index, block in enumerate(self.backbone.blocks):
@@ -216,21 +216,32 @@ class Engine:
         self.samples = 0
 
     @torch.no_grad()
-    def run(self, items: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """Class probabilities (CPU, float32) of each item, in order."""
-        out: list[torch.Tensor | None] = [None] * len(items)
+    def run(self, items: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor | Exception]:
+        """Class probabilities (CPU, float32) of each item, in order; a pass that fails gives its error
+        to its own items only."""
+        out: list[torch.Tensor | Exception | None] = [None] * len(items)
+        groups: list[tuple[list[int], str | None]] = []  # (rows, task name); None: the shared LoRA pass
         shared_rows = [i for i, (name, _) in enumerate(items) if name in self.shared_index]
         if shared_rows:
-            features = torch.cat([items[i][1] for i in shared_rows]).to(self.device)
-            index = torch.tensor([self.shared_index[items[i][0]] for i in shared_rows], device=self.device)
-            for row, logits in zip(shared_rows, self.shared(features, index)):
-                out[row] = logits.float().softmax(-1).cpu()
-            self.passes += 1
+            groups.append((shared_rows, None))
         for name in dict.fromkeys(name for name, _ in items if name not in self.shared_index):
-            rows = [i for i, (n, _) in enumerate(items) if n == name]
-            features = torch.cat([items[i][1] for i in rows]).to(self.device)
-            for row, logits in zip(rows, self.tasks[name].model(features)):
-                out[row] = logits.float().softmax(-1).cpu()
+            groups.append(([i for i, (n, _) in enumerate(items) if n == name], name))
+        for rows, name in groups:
+            try:
+                features = torch.cat([items[i][1] for i in rows]).to(self.device)
+                if name is None:
+                    logits = self._run_shared(features, [items[i][0] for i in rows])
+                else:
+                    logits = self.tasks[name].model(features)
+                for row, row_logits in zip(rows, logits):
+                    out[row] = row_logits.float().softmax(-1).cpu()
+            except Exception as error:  # handed to this pass's requests only; their handlers log it
+                for row in rows:
+                    out[row] = error
             self.passes += 1
         self.samples += len(items)
         return out
+
+    def _run_shared(self, features: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        index = torch.tensor([self.shared_index[name] for name in names], device=self.device)
+        return self.shared(features, index)
