@@ -17,7 +17,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start-up)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--max-batch", type=int, default=32, help="most clips run in one batch")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="longest a request waits for others to batch with")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=10.0, help="longest a request waits for others to batch with"
+    )
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload, in MB (10^6 bytes)")
     parser.add_argument(
         "--lora-batching", choices=("shared", "per-task"), default="shared",
@@ -47,7 +49,9 @@ def run_serve(args: argparse.Namespace) -> None:
         sock.listen(2048)  # connections made before uvicorn starts wait in the backlog
     except OSError as error:
         sock.close()
-        raise ValueError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); choose another --port") from None
+        raise ValueError(
+            f"cannot listen on {args.host}:{args.port} ({error.strerror}); choose another --port"
+        ) from None
     host, port = sock.getsockname()[:2]
     shared = app.state.engine.shared_index
     print(

@@ -72,7 +72,7 @@ def predict_files(
         chunk = files[start : start + batch_size]
         waves = [torch.from_numpy(load_audio(path, sample_rate=frontend.sample_rate)) for path in chunk]
         probabilities = model(waveform_features(fbank, waves)).float().softmax(-1).cpu()
-        results.extend(prediction_record(str(path), row, model.class_names, k) for path, row in zip(chunk, probabilities))
+        results.extend(prediction_record(str(p), row, model.class_names, k) for p, row in zip(chunk, probabilities))
     return results
 
 

@@ -266,7 +266,8 @@ def _decode(task: Task, data: bytes, filename: str | None) -> tuple[torch.Tensor
         except AudioError as error:
             reason = error.reason.replace(handle.name, name)  # the temporary file's name means nothing to the client
             if reason.startswith("cannot decode"):
-                raise ClientError(415, "not_audio", f"{name} is not audio we can decode (WAV, FLAC or OGG): {reason}") from None
+                message = f"{name} is not audio we can decode (WAV, FLAC or OGG): {reason}"
+                raise ClientError(415, "not_audio", message) from None
             raise ClientError(422, "bad_audio", f"cannot use {name}: {reason}") from None
     frames = num_frames(len(wave), task.frontend)
     warning = None

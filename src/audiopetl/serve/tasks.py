@@ -107,7 +107,9 @@ def load_tasks(specs: list[str], device: torch.device) -> dict[str, Task]:
     if not reference.get("source"):
         raise AdapterFileError(f"{first_path}: the file names no backbone to load")
     backbone = load_backbone(
-        reference["source"], max_frames=reference["config"]["max_frames"], pos_embed=reference.get("pos_embed") or "adapt"
+        reference["source"],
+        max_frames=reference["config"]["max_frames"],
+        pos_embed=reference.get("pos_embed") or "adapt",
     ).to(device)
     tasks = {}
     for name, path in named:
@@ -138,7 +140,9 @@ class MultiLoRALinear(nn.Module):
     rank, and zero for tasks without LoRA on this projection, so padding adds exactly nothing.
     """
 
-    def __init__(self, base: nn.Module, downs: torch.Tensor, ups: torch.Tensor, scalings: torch.Tensor, routing: _Routing):
+    def __init__(
+        self, base: nn.Module, downs: torch.Tensor, ups: torch.Tensor, scalings: torch.Tensor, routing: _Routing
+    ) -> None:
         super().__init__()
         self.base = base
         self.register_buffer("downs", downs)
