@@ -87,3 +87,12 @@ def test_onnx_export_gives_our_logits_at_any_batch_size(tmp_path, name):
         (logits,) = session.run(["logits"], {"features": x.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(logits), model(x), atol=1e-3, rtol=0)
+
+
+def test_peft_export_without_base_names_the_backbone(tmp_path):
+    adapter = make_adapter(tmp_path / "lora.safetensors", METHODS["lora"], seed=1)
+    out = tmp_path / "nested" / "peft"
+    assert main(["export", "peft", str(adapter), str(out), "--no-base"]) == 0
+    assert not (out / "base").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random"
+    assert [p.name for p in out.parent.iterdir()] == ["peft"]  # no staging folder left behind
