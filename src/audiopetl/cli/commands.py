@@ -7,6 +7,7 @@ from it. Heavy imports happen inside the run functions so ``--help`` stays insta
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 # Method options the CLI exposes, mapped to the method-config field they set.
@@ -80,6 +81,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=_UNSET, help="dataset folder (see `audiopetl data info NAME`)")
     parser.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/DATASET-METHOD)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="data-parallel processes on this machine (one GPU each, or CPU processes with gloo); "
+                        "--batch-size stays the global batch. Multi-node: torchrun -m audiopetl train (README)")
     _add_method_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default=_UNSET,
@@ -128,7 +132,7 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(item for item in text.split(",") if item)
 
 
-_NOT_CONFIG = {"command", "config", "run_dir", "resume", "method", "residual", *METHOD_OPTIONS}
+_NOT_CONFIG = {"command", "config", "run_dir", "resume", "nproc", "method", "residual", *METHOD_OPTIONS}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -158,7 +162,19 @@ def run_train(args: argparse.Namespace) -> dict:
     run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(config.method)}"
     if args.resume and not run_dir.exists():
         raise ValueError(f"--resume: run directory {run_dir} does not exist")
-    summary = run_training(config, run_dir, resume=args.resume)
+    if args.nproc > 1:
+        import json
+
+        from ..train import distributed
+
+        if distributed.requested():
+            raise ValueError("--nproc: this process is already one of several ranks (torchrun); drop --nproc")
+        distributed.spawn(run_training, args.nproc, config, run_dir, args.resume)
+        summary = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        summary = run_training(config, run_dir, resume=args.resume)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return None  # started by torchrun: rank 0 reports
     print(f"run directory: {run_dir}")
     return {k: summary[k] for k in ("dataset", "test_accuracy_mean", "test_accuracy_std", "trainable_parameters")}
 
