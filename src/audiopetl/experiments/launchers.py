@@ -47,6 +47,8 @@ JOB = "job.yaml"
 STATE = "state.json"
 WORKER_LOG = "run.log"
 SBATCH_SCRIPT = "job.sbatch"
+ERROR_LOG = "error.log"  # traceback of a run that failed inside the sweep's own process
+IN_PROCESS = "(console)"
 STATES = ("done", "running", "failed", "pending")
 
 
@@ -70,6 +72,9 @@ def run_job(run_dir: str | Path, train: Callable = run_training) -> bool:
         train(config, run_dir, resume=True)
     except Exception as error:  # noqa: BLE001 - recorded, reported by the sweep, retriable
         traceback.print_exc()
+        if log == IN_PROCESS:  # the console scrolls away: keep the traceback with the run
+            log = str(run_dir / ERROR_LOG)
+            Path(log).write_text(traceback.format_exc())
         _write_state(run_dir, {"state": "failed", **_where(), "error": f"{type(error).__name__}: {error}", "log": log})
         return False
     (run_dir / STATE).unlink(missing_ok=True)
@@ -108,7 +113,7 @@ def _log_path(run_dir: Path) -> str:
         return str(run_dir / f"slurm-{os.environ['SLURM_JOB_ID']}.log")
     if os.environ.get("AUDIOPETL_WORKER_LOG"):
         return os.environ["AUDIOPETL_WORKER_LOG"]
-    return "(console)"
+    return IN_PROCESS
 
 
 def _write_state(run_dir: Path, state: dict) -> None:
