@@ -89,6 +89,11 @@ def test_a_failed_run_is_reported_with_its_log_and_retried_alone(sweep_setup, tm
     status = capsys.readouterr().out
     assert "failed   folder/lora  RuntimeError: out of memory" in status and "1 done, 0 running, 1 failed, 0 pending" in status
 
+    from audiopetl.experiments.report import write_report
+
+    report = (write_report(tmp_path / "runs", tmp_path / "report") / "results.md").read_text()
+    assert "Partial sweep: 1 of 2 runs finished, 1 failed" in report
+
     monkeypatch.setattr(recipes_module, "run_training", real)
     calls = []
     monkeypatch.setattr(recipes_module, "run_training", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
