@@ -100,6 +100,8 @@ def test_a_failed_run_is_reported_with_its_log_and_retried_alone(sweep_setup, tm
     assert main([*argv, "--run", "folder/lora"]) == 0
     assert [p.name for p in calls] == ["lora"]  # the finished run is not touched
     assert run_state(tmp_path / "runs" / "folder" / "lora")[0] == "done"
+    sweep = json.loads((tmp_path / "runs" / "sweep.json").read_text())
+    assert len(sweep["runs"]) == 2 and sweep["progress"]["done"] == 2  # a retry of one run keeps the others listed
 
 
 def test_an_interrupted_run_is_pending_and_resumes(sweep_setup, tmp_path):

@@ -188,10 +188,13 @@ class LocalLauncher:
         else:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
         with open(log, "w") as out:
-            subprocess.run(
+            result = subprocess.run(
                 [sys.executable, "-m", "audiopetl.experiments.launchers", str(run_dir)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, check=False,
             )
+        if result.returncode != 0 and run_state(run_dir)[0] != "failed":  # killed or crashed before recording it
+            _write_state(run_dir, {"state": "failed", "error": f"worker exited with status {result.returncode}",
+                                   "log": str(log), "time": time.time()})
 
 
 def visible_gpus() -> list[str]:

@@ -25,7 +25,7 @@ import yaml
 
 from ..train import METRICS, TrainConfig, is_finished, resolve, run_training
 from ..train.checkpoint import write_json
-from .launchers import STATES, run_state
+from .launchers import STATES, LocalLauncher, run_state, write_job
 
 RECIPE_KEYS = {"title", "datasets", "methods", "few_shot", "budgets", "base", "slurm"}
 SWEEP_FILE = "sweep.json"
@@ -129,10 +129,9 @@ def run_sweep(
     another here); finished runs and runs still running elsewhere are skipped, interrupted and
     failed ones (re)started. Returns the metrics of the runs this call finished; raises
     ``RuntimeError`` naming each failed run and its log once the others are done."""
-    from .launchers import LocalLauncher, write_job
-
     launcher = launcher or LocalLauncher()
     runs = select_runs(recipe, overrides, only, select)
+    listed = select_runs(recipe, overrides, only) if select else runs  # sweep.json keeps every run
     needed = sorted({r.labels["dataset"] for r in runs})
     missing = [d for d in needed if d not in roots]
     if missing and not dry_run:
@@ -155,7 +154,7 @@ def run_sweep(
         print(f"[{number}/{len(runs)}] {run.run_id}: {action}")
     if dry_run:
         return []
-    progress = SweepProgress(recipe, runs, runs_dir)
+    progress = SweepProgress(recipe, listed, runs_dir)
     for run, values in zip(runs, options):
         if run in todo:
             write_job(runs_dir / run.run_id, values)
@@ -163,6 +162,7 @@ def run_sweep(
     progress.write()
     launcher.launch([runs_dir / r.run_id for r in todo], progress.finished, train=_train)
     counts = progress.write()
+    print(", ".join(f"{counts[s]} {s}" for s in STATES) + f" (of {len(listed)}); details: {runs_dir / SWEEP_FILE}")
     summaries = [
         json.loads((runs_dir / r.run_id / METRICS).read_text()) for r in todo if is_finished(runs_dir / r.run_id)
     ]
@@ -170,7 +170,7 @@ def run_sweep(
     if failed:
         listing = "\n".join(f"  {run_id}: {d.get('error', '?')} (log: {d.get('log', '?')})" for run_id, d in failed)
         raise RuntimeError(
-            f"{len(failed)} run(s) failed ({counts['done']}/{len(runs)} done):\n{listing}\n"
+            f"{len(failed)} run(s) failed ({counts['done']}/{len(listed)} done):\n{listing}\n"
             f"retry one alone with --run RUN_ID (the same command retries them all)"
         )
     return summaries
