@@ -17,6 +17,11 @@ Only change is compared, never the file's time with ours, so clocks that differ 
 hosts or between client and NFS server do not matter. Takeover renames the stale file to a
 unique name first (only one waiter's rename succeeds) and then creates a fresh lock.
 After acquiring, callers re-check whether the work was done while they waited.
+
+The lock saves work; it is not what keeps results correct. If a holder was wrongly
+presumed dead (stalled for longer than ``stale_after``), it and its successor both build,
+and since the feature cache writes entries atomically, the last rename leaves one complete
+entry either way.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ class BuildLock:
             owner = _owner(observed[1])
             dead_here = owner.get("host") == socket.gethostname() and not _pid_alive(owner.get("pid"))
             if dead_here or now - seen_since > self.stale_after:
-                self._take_over()
+                self._take_over(observed)
                 continue
             if self.timeout is not None and now - started > self.timeout:
                 raise TimeoutError(f"{self.path} is held by {owner} for more than {self.timeout:.0f} s")
@@ -91,12 +96,20 @@ class BuildLock:
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat {self.path.name}", daemon=True)
         self._thread.start()
 
-    def _take_over(self) -> None:
+    def _take_over(self, judged: tuple[int, bytes]) -> None:
+        if _observe(self.path) != judged:
+            return  # changed since we judged it: a new owner, or the old one came back
         stale = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
         try:
             os.rename(self.path, stale)  # one waiter wins; the others find a fresh lock or none
         except FileNotFoundError:
             return
+        if stale.read_bytes() != judged[1]:
+            # Another waiter replaced the stale lock between our look and our rename: give it back.
+            try:
+                os.link(stale, self.path)
+            except FileExistsError:
+                pass
         stale.unlink(missing_ok=True)
 
     def _beat(self) -> None:
