@@ -22,6 +22,10 @@ machine) or by ``torchrun`` (one machine or several through its rendezvous; unde
   feature cache is built once: the first rank takes its build lock, the others wait.
 
 Resume: every rank reads rank 0's last checkpoint and continues where one process would.
+
+One difference from one process remains: BatchNorm layers (the Conformer adapter's)
+normalise with their rank's share of the batch, and DDP copies rank 0's running statistics
+to the other ranks at each step, as usual in data-parallel training.
 """
 
 from __future__ import annotations
