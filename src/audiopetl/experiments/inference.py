@@ -71,16 +71,24 @@ def predict_files(
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         waves = [torch.from_numpy(load_audio(path, sample_rate=frontend.sample_rate)) for path in chunk]
-        lengths = torch.tensor([len(w) for w in waves])
-        padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device_)
-        probabilities = model(fbank(padded, lengths=lengths.to(device_))).float().softmax(-1).cpu()
-        scores, labels = probabilities.topk(k, dim=-1)
-        for path, row_scores, row_labels in zip(chunk, scores, labels):
-            ranked = [
-                {"label": model.class_names[int(i)], "score": round(float(s), 6)} for s, i in zip(row_scores, row_labels)
-            ]
-            results.append({"path": str(path), "label": ranked[0]["label"], "top_k": ranked})
+        probabilities = model(waveform_features(fbank, waves)).float().softmax(-1).cpu()
+        results.extend(prediction_record(str(p), row, model.class_names, k) for p, row in zip(chunk, probabilities))
     return results
+
+
+def waveform_features(fbank: Fbank, waves: list[torch.Tensor]) -> torch.Tensor:
+    """Model input for 1-D waveforms of any lengths, each as it would be alone (on ``fbank``'s device)."""
+    device = fbank.window.device
+    lengths = torch.tensor([len(w) for w in waves], device=device)
+    padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
+    return fbank(padded, lengths=lengths)
+
+
+def prediction_record(path: str | None, probabilities: torch.Tensor, class_names: list[str], k: int) -> dict:
+    """The record ``predict`` writes for one clip: path, top label, and the top-k labels with scores."""
+    scores, labels = probabilities.topk(k)
+    ranked = [{"label": class_names[int(i)], "score": round(float(s), 6)} for s, i in zip(scores, labels)]
+    return {"path": path, "label": ranked[0]["label"], "top_k": ranked}
 
 
 def format_predictions(predictions: list[dict], fmt: str = "json") -> str:
