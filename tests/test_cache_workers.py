@@ -10,7 +10,7 @@ import soundfile as sf
 from audio_fixtures import speech_like, write_audio
 from audiopetl.data import FeatureCache
 from audiopetl.data import cache as cache_module
-from audiopetl.frontend import FbankConfig
+from audiopetl.frontend import FbankConfig, as_frontend
 
 CONFIG = FbankConfig(max_frames=40)
 
@@ -29,7 +29,7 @@ def test_worker_processes_write_the_same_features_in_order(tmp_path):
     outputs = {}
     for workers in (1, 3):
         buffer = io.BytesIO()
-        bad = cache_module._compute(paths, CONFIG, buffer, progress=False, workers=workers)
+        bad = cache_module._compute(paths, as_frontend(CONFIG), buffer, progress=False, workers=workers)
         outputs[workers] = (buffer.getvalue(), bad)
     assert outputs[3] == outputs[1]
     data, bad = outputs[1]

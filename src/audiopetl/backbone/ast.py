@@ -110,7 +110,7 @@ class Attention(nn.Module):
     strided views of its output: one cast of the input under autocast instead of three,
     one wide matmul instead of three narrow ones, and no layout copies. A projection
     wrapped as a :class:`LowRankUpdate` (LoRA) joins the fused GEMM with its frozen
-    ``base``, and its ``update(x)`` is added to its slice. Any other replacement module
+    ``base``, and its low-rank update is added to its slice. Any other replacement module
     makes the layer take the separate path, which computes the same function.
     """
 
@@ -221,55 +221,6 @@ def _fusable(projections: tuple[nn.Module, ...]) -> bool:
         and all(type(base) is nn.Linear for base in bases)
         and len({(base.in_features, base.bias is None, base.weight.dtype) for base in bases}) == 1
     )
-
-
-def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(batch, tokens, hidden) -> (batch, heads, tokens, head_dim), a view."""
-    return t.unflatten(-1, (num_heads, -1)).transpose(1, 2)
-
-
-class _FrozenLinear(torch.autograd.Function):
-    """``x W^T + b`` with ``W`` the row-wise concatenation of frozen ``weights``.
-
-    Plain autograd would save the concatenated ``W`` (a new tensor) for the input gradient;
-    this saves the weights themselves (no new memory) and concatenates again in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(*weights)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x, torch.cat(weights).to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        weights = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
-        grad_x = grad @ torch.cat(weights).to(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_bias = grad.flatten(0, -2).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_bias, *(None for _ in weights)
-
-
-class LowRankUpdate(nn.Module):
-    """What a projection wrapper exposes to join the fused q/k/v GEMM (see :class:`Attention`).
-
-    ``base`` is the wrapped ``nn.Linear``; ``update(x)`` is the term added to ``base(x)``;
-    while ``merged`` is true the update already lives in ``base.weight`` and is skipped.
-    The wrapper's own ``forward`` must equal ``base(x) + update(x)`` (unmerged).
-    """
-
-    base: nn.Linear
-    merged: bool
-
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def _fusable_base(projection: nn.Module) -> nn.Linear | None:
-    if type(projection) is nn.Linear:
-        return projection
-    if isinstance(projection, LowRankUpdate) and type(projection.base) is nn.Linear:
-        return projection.base
-    return None
 
 
 def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -440,6 +391,32 @@ class AST(nn.Module):
         """Switch the fused q/k/v GEMM of every block (default on; the function is the same)."""
         for block in self.blocks:
             block.attn.fused_qkv = enabled
+
+    # The backbone interface every family provides (see audiopetl.backbone.registry).
+    poolings = POOLINGS
+    prompt_start = NUM_SPECIAL_TOKENS  # prompts go right after [CLS] and the distillation token
+
+    @property
+    def input_fan_in(self) -> int:
+        return self.config.patch_size**2  # one input channel: a spectrogram, not RGB
+
+    def embedding_biases(self) -> list[nn.Parameter]:
+        return [self.patch_embed.proj.bias]
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"pos_embed": [self.pos_embed]}
+
+    def frontend_parameters(self) -> list[nn.Parameter]:
+        return []  # the filterbank frontend has no weights
+
+    def pool(self, hidden: torch.Tensor, features: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        return pool(hidden, mode)
+
+    def frontend(self, max_frames: int):
+        """The filterbank frontend for clips of ``max_frames`` frames (one per 10 ms)."""
+        from ..frontend.fbank import Fbank, FbankConfig
+
+        return Fbank(FbankConfig(num_mel_bins=self.config.num_mel_bins, max_frames=max_frames))
 
 
 def pool(hidden: torch.Tensor, mode: str = "mean") -> torch.Tensor:

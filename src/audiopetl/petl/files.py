@@ -62,7 +62,11 @@ def save_adapter(
         "metadata": {**model.metadata, **(extra_metadata or {})},
     }
     stored = STORAGE_DTYPES[dtype]
-    tensors = {name: t.detach().cpu().to(stored).contiguous() for name, t in model.adapter_state_dict().items()}
+    tensors = {
+        # Integer buffers (BatchNorm's step count) keep their dtype.
+        name: t.detach().cpu().to(stored if t.is_floating_point() else t.dtype).contiguous()
+        for name, t in model.adapter_state_dict().items()
+    }
     path = Path(path)
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata={HEADER_KEY: json.dumps(header)})
@@ -113,7 +117,7 @@ def load_adapter(path: str | Path, backbone: AST | None = None, map_location: st
         if not record.get("source"):
             raise AdapterFileError(f"{path}: the file names no backbone; pass backbone=")
         backbone = load_backbone(
-            record["source"], max_frames=record["config"]["max_frames"], pos_embed=record.get("pos_embed") or "adapt"
+            record["source"], max_frames=record["config"].get("max_frames"), pos_embed=record.get("pos_embed") or "adapt"
         ).to(map_location)
     _check_backbone(path, record, backbone)
     try:
@@ -134,7 +138,7 @@ def load_adapter(path: str | Path, backbone: AST | None = None, map_location: st
 
 
 def _check_backbone(path: str | Path, record: dict, backbone: AST) -> None:
-    from ..backbone.checkpoint import fingerprint_state_dict
+    from ..backbone.registry import fingerprint
 
     made_for = record.get("source") or "an unnamed backbone"
     config = backbone.config.to_dict()
@@ -142,11 +146,11 @@ def _check_backbone(path: str | Path, record: dict, backbone: AST) -> None:
     if differing:
         detail = ", ".join(f"{k}: file {a!r} vs backbone {b!r}" for k, (a, b) in differing.items())
         raise AdapterFileError(f"{path}: made for {made_for} with another backbone config ({detail})")
-    fingerprint = fingerprint_state_dict(backbone.state_dict())
-    if fingerprint != record["fingerprint"]:
+    digest = fingerprint(backbone)
+    if digest != record["fingerprint"]:
         raise AdapterFileError(
             f"{path}: made for {made_for} (weights fingerprint {record['fingerprint']}), but the given backbone "
-            f"{getattr(backbone, 'source', '')!r} has fingerprint {fingerprint}; load the backbone it was trained on"
+            f"{getattr(backbone, 'source', '')!r} has fingerprint {digest}; load the backbone it was trained on"
         )
 
 
@@ -159,6 +163,6 @@ def _load_trained(path: str | Path, model: PETLModel, tensors: dict[str, torch.T
     if wrong:
         raise AdapterFileError(f"{path}: tensors with wrong shapes: {wrong}")
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, tensor in (*model.named_parameters(), *model.named_buffers()):
             if name in tensors:
-                param.copy_(tensors[name])
+                tensor.copy_(tensors[name])

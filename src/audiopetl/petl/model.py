@@ -1,8 +1,9 @@
 """``build_model``: a backbone plus one or more method configs -> a :class:`PETLModel`.
 
 Building has three steps, kept apart as in PEFT: (1) pick the backbone tensors the
-methods train (on the plain backbone), (2) inject the new modules through the AST's
-extension points, (3) freeze everything else. Every model also trains a linear head on
+methods train (on the plain backbone), (2) inject the new modules through the backbone's
+extension points (the same on every family, see :mod:`audiopetl.backbone.registry`),
+(3) freeze everything else. Every model also trains a linear head on
 the pooled output and the final LayerNorm, as the reference implementation does.
 """
 
@@ -15,20 +16,24 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..backbone.ast import AST, POOLINGS, pool
+from ..backbone.ast import AST
+from ..backbone.registry import fingerprint
 from .adapters import adapter_norms, inject_adapters
 from .config import (
     AdapterConfig,
     BitFitConfig,
     FullFinetuneConfig,
     LinearProbeConfig,
+    DenseMoAConfig,
     LoRAConfig,
     MethodConfig,
     PrefixConfig,
     PromptConfig,
+    SoftMoAConfig,
 )
 from .finetune import bitfit_parameters, extra_parameters, full_parameters, linear_parameters
 from .lora import LoRALinear, inject_lora
+from .moa import inject_mixtures, mixture_norms
 from .prompts import inject_prefix, inject_prompts
 from .registry import resolve_methods
 
@@ -38,12 +43,16 @@ SELECT: dict[type, Callable[[AST, Any], list[nn.Parameter]]] = {
     LinearProbeConfig: linear_parameters,
     BitFitConfig: bitfit_parameters,
     AdapterConfig: adapter_norms,
+    DenseMoAConfig: mixture_norms,
+    SoftMoAConfig: mixture_norms,
 }
 INJECT: dict[type, Callable[[AST, Any], list[nn.Module]]] = {
     PromptConfig: inject_prompts,
     PrefixConfig: inject_prefix,
     LoRAConfig: inject_lora,
     AdapterConfig: inject_adapters,
+    DenseMoAConfig: inject_mixtures,
+    SoftMoAConfig: inject_mixtures,
 }
 
 
@@ -88,7 +97,7 @@ class PETLModel(nn.Module):
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """Pooled embedding fed to the head, (batch, hidden)."""
-        return pool(self.hidden(features), self.pooling)
+        return self.backbone.pool(self.hidden(features), features, self.pooling)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(features))
@@ -134,8 +143,15 @@ class PETLModel(nn.Module):
                     setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained tensors, by their names in this model: what an adapter file holds."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        """The trained tensors, by their names in this model: what an adapter file holds.
+
+        Besides the trained parameters: the buffers of the injected modules (the Conformer
+        adapter's BatchNorm statistics), which training updates too.
+        """
+        state = {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        injected = {id(b) for module in self._injected for b in module.buffers()}
+        state.update((name, b.detach()) for name, b in self.named_buffers() if id(b) in injected)
+        return state
 
     def lora_layers(self) -> list[LoRALinear]:
         return [m for m in self.modules() if isinstance(m, LoRALinear)]
@@ -176,8 +192,8 @@ def build_model(
     not hold PETL modules already.
     """
     methods = resolve_methods(method)
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; valid: {list(POOLINGS)}")
+    if pooling not in backbone.poolings:
+        raise ValueError(f"unknown pooling {pooling!r}; valid: {list(backbone.poolings)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if class_names is not None and len(class_names) != num_classes:
@@ -192,7 +208,7 @@ def build_model(
         if type(config) in SELECT:
             trained += SELECT[type(config)](backbone, config)
 
-    reference = backbone.pos_embed
+    reference = next(backbone.parameters())
     injected: list[nn.Module] = []
     with torch.device(reference.device):
         for config in methods:
@@ -244,14 +260,12 @@ def _check_plain(backbone: AST) -> None:
 def _backbone_record(backbone: AST, metadata: dict) -> dict:
     """Source, config and weight fingerprint of the pre-trained backbone, taken before training."""
     report = getattr(backbone, "load_report", None)
-    fingerprint = None
-    if backbone.pos_embed.device.type != "meta":  # meta models (parameter counting) have no weights
-        from ..backbone.checkpoint import fingerprint_state_dict
-
-        fingerprint = fingerprint_state_dict(backbone.state_dict())
+    digest = None
+    if next(backbone.parameters()).device.type != "meta":  # meta models (parameter counting) have no weights
+        digest = fingerprint(backbone)
     return {
         "source": getattr(backbone, "source", None) or metadata.get("backbone"),
         "config": backbone.config.to_dict(),
         "pos_embed": getattr(report, "pos_embed", None) or metadata.get("pos_embed", "adapt"),
-        "fingerprint": fingerprint,
+        "fingerprint": digest,
     }

@@ -1,5 +1,9 @@
 """One training run from a :class:`TrainConfig`: data -> features -> model -> fit, per split.
 
+The backbone comes first: its frontend (filterbanks for AST, the frozen convolutional
+feature encoder for the speech encoders) makes the cached features, so no epoch after
+the first recomputes them.
+
 The run directory holds ``config.yaml`` (the resolved configuration), one sub-directory
 per split with its log, checkpoint, metrics and best adapter file, ``bad_audio.txt``
 when files were skipped, and ``metrics.json`` with per-split and mean +- std test
@@ -18,8 +22,8 @@ import yaml
 
 from ..backbone import load_backbone
 from ..data import SpecAugment, few_shot_subset, get_dataset, index_features, write_bad_audio_report
-from ..frontend import FbankConfig
 from ..petl import PETLModel, build_model, learning_rate_family, resolve_methods
+from . import distributed
 from .checkpoint import write_json
 from .config import LEARNING_RATES, TrainConfig
 from .embeddings import LinearProbeForward, pooled_embeddings
@@ -50,14 +54,28 @@ def is_finished(run_dir: str | Path) -> bool:
 
 
 def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train ``config`` on every selected split; returns (and writes) the run's metrics."""
+    """Train ``config`` on every selected split; returns (and writes) the run's metrics.
+
+    Started as one of several ranks (torchrun, ``--nproc``) it trains data-parallel
+    (:mod:`.distributed`); only rank 0 writes files.
+    """
     config = resolve(config)
-    run_dir = Path(run_dir)
+    ranks, device, created_group = distributed.setup(resolve_device(config.device))
+    try:
+        summary = _run_training(config, Path(run_dir), resume, ranks, device)
+    except BaseException:
+        distributed.teardown(created_group, wait=False)
+        raise
+    distributed.teardown(created_group)
+    return summary
+
+
+def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, device: torch.device) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    if ranks.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
 
     methods = resolve_methods(config.method)
-    device = resolve_device(config.device)
     settings = LoopSettings(
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -83,13 +101,14 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             raise ValueError(f"folds {unknown} do not exist for {config.dataset}; valid: {valid_folds}")
         splits = [splits[f - 1] for f in config.folds]
 
-    fbank = FbankConfig(max_frames=config.max_frames)
-    data = index_features(index, fbank, config.cache_dir, config.skip_bad_audio, config.progress)
-    if data.bad:
+    backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
+    frontend = backbone.frontend(config.max_frames)
+    if not frontend.spectrogram:
+        frontend.to(device)  # a convolutional feature encoder is worth the accelerator; filterbanks stay on the CPU
+    data = index_features(index, frontend, config.cache_dir, config.skip_bad_audio, config.progress)
+    if data.bad and ranks.is_main:
         write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
     features, labels = data.features, data.labels
-
-    backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
     linear_probe = config.embedding_cache and all(m.to_dict()["method"] == "linear" for m in methods)
     embeddings = None
     if linear_probe:
@@ -112,7 +131,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             metadata={
                 "backbone": config.backbone,
                 "pos_embed": config.pos_embed,
-                "frontend": fbank.to_dict(),
+                "frontend": frontend.settings,
                 "dataset": config.dataset,
                 "split": split.name,
             },
@@ -126,8 +145,12 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             inputs, forward = embeddings, LinearProbeForward(model)
         else:
             if config.compile if config.compile is not None else device.type == "cuda":
-                model.backbone.compile_blocks()
-            if config.specaugment:
+                # Regional compilation where the backbone offers it (one graph for all blocks).
+                if hasattr(model.backbone, "compile_blocks"):
+                    model.backbone.compile_blocks()
+                else:
+                    forward = torch.compile(model)
+            if config.specaugment and frontend.spectrogram:  # not for waveform frontends' encoder features
                 augment = SpecAugment()
         metrics = fit(
             model,
@@ -140,7 +163,8 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             augment=augment,
             resume=resume,
         )
-        model.save_adapter(split_dir / ADAPTER, dtype=config.adapter_dtype)
+        if ranks.is_main:
+            model.save_adapter(split_dir / ADAPTER, dtype=config.adapter_dtype)
         metrics.update(split=split.name, **_parameter_counts(model))
         results.append(metrics)
 
@@ -155,7 +179,8 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         "paper_parameters": results[0]["paper_parameters"],
         "num_bad_audio": len(data.bad),
     }
-    write_json(run_dir / METRICS, summary)
+    if ranks.is_main:
+        write_json(run_dir / METRICS, summary)
     return summary
 
 
