@@ -8,7 +8,8 @@ loads the same random ViT-B checkpoint (transformers format) and trains on the s
                      fused q/k/v GEMM, fused AdamW and regional torch.compile on CUDA
   audiopetl-eager    the same without torch.compile
   audiopetl-compile  the same with torch.compile (to measure compile on CPU)
-  audiopetl-unfused  fast path off (separate q/k/v projections, no compile): the forward path before it
+  audiopetl-unfused  separate q/k/v projections, no compile (the CPU default; the forward path before)
+  audiopetl-fused    fused q/k/v forced on, no compile (the CUDA default, measured on CPU)
   hf-sdpa            transformers ``ASTModel`` (SDPA) + PEFT LoRA / forward hooks, autocast
   hf-sdpa-compile    the same, ``torch.compile`` of the whole model
   hf-eager           transformers eager attention + PEFT / hooks, autocast
@@ -64,6 +65,7 @@ SIDES = {
     "audiopetl-eager": {"impl": "ours", "compile": False},
     "audiopetl-compile": {"impl": "ours", "compile": True},
     "audiopetl-unfused": {"impl": "ours", "compile": False, "fused": False},
+    "audiopetl-fused": {"impl": "ours", "compile": False, "fused": True},
     "hf-sdpa": {"impl": "hf", "attention": "sdpa"},
     "hf-sdpa-compile": {"impl": "hf", "attention": "sdpa", "compile": True},
     "hf-eager": {"impl": "hf", "attention": "eager"},
@@ -74,7 +76,7 @@ PAPER = "hf-eager-fp32"
 DEFAULT_SHAPES = {"cuda": "500x32,100x128", "cpu": "500x4,100x16"}
 DEFAULT_SIDES = {
     "cuda": "audiopetl,hf-sdpa,hf-eager-fp32,audiopetl-eager,hf-sdpa-compile",
-    "cpu": "audiopetl,audiopetl-unfused,hf-sdpa,hf-eager",
+    "cpu": "audiopetl,audiopetl-fused,hf-sdpa,hf-eager",
 }
 NUM_CLASSES = 50
 # --tiny: a 2-layer, 128-wide AST (LoRA RR 128 still leaves rank 1) at 48 frames, batch 2.
@@ -107,7 +109,7 @@ def head(hidden: int) -> nn.Linear:
     return nn.Linear(hidden, NUM_CLASSES)
 
 
-def ours(method: str, frames: int, dtype: torch.dtype, tiny: bool, fused: bool = True):
+def ours(method: str, frames: int, dtype: torch.dtype, tiny: bool, fused: bool | None = None):
     from audiopetl.backbone import load_backbone
     from audiopetl.petl import build_model, resolve_methods
 
@@ -204,7 +206,7 @@ def build_side(
     if spec.get("fp32"):
         dtype = torch.float32
     if spec["impl"] == "ours":
-        model = ours(method, frames, dtype, tiny, fused=spec.get("fused", True)).to(device)
+        model = ours(method, frames, dtype, tiny, fused=spec.get("fused")).to(device)
         if dtype != torch.float32:
             model.cast_frozen(dtype)
         compile_ = spec.get("compile", device.type == "cuda")  # the library's default (TrainConfig.compile)

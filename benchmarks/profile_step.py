@@ -2,8 +2,8 @@
 
 For each method, one bf16-autocast training step (forward, cross-entropy, backward) of a
 ViT-B-wide AST (2 layers by default, so per-layer figures are quick to get) is run with
-the fast path off (separate q/k/v projections; frozen weights already stored in bf16)
-and on (the library default), and, for reference, transformers SDPA + PEFT/hooks:
+separate q/k/v projections (the CPU default) and the fused q/k/v GEMM (the CUDA default),
+frozen weights stored in bf16 either way, and, for reference, transformers SDPA + PEFT/hooks:
 
 * ``copy_`` calls per layer and the elements they move: every dtype cast, ``contiguous``
   and layout copy ends in one ``aten::copy_``; counted with ``torch.profiler`` over the
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[list]:
             model = build(side, method, args.layers, args.frames, args.tiny, device).train()
             calls, elements = copies(model, features, labels, device)
             saved = saved_bytes(model, features, labels, device)
-            label = {"off": "audiopetl, fast path off", "on": "audiopetl (default)", "peer": "transformers SDPA + PEFT"}
+            label = {"off": "audiopetl, separate q/k/v", "on": "audiopetl, fused q/k/v", "peer": "transformers SDPA + PEFT"}
             rows.append([method, label[side], calls / args.layers, elements / args.layers / 1e6, saved / 2**20])
     print(f"machine: {machine(device)}")
     out = Path(args.out) if args.out else None

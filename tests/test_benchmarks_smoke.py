@@ -24,12 +24,12 @@ def test_gpu_check_runs_every_measurement_at_tiny_size_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
     train = (out / "train_step.md").read_text()
-    for side in ("audiopetl", "audiopetl-unfused", "hf-sdpa", "hf-eager-fp32"):
+    for side in ("audiopetl", "audiopetl-fused", "hf-sdpa", "hf-eager-fp32"):
         for method in ("lora", "dpt25"):
             assert f"| {method} | {side} | " in train
     assert "error" not in train.lower() and "skipped" not in train
     assert "LoRA q,v merged" in (out / "inference.md").read_text()
-    assert "fast path off" in (out / "profile_step.md").read_text()
+    assert "separate q/k/v" in (out / "profile_step.md").read_text()
     summary = (out / "summary.txt").read_text()
     assert "train_step: exit 0" in summary and "inference: exit 0" in summary and "profile_step: exit 0" in summary
 

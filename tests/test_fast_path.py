@@ -65,6 +65,7 @@ def loss_and_grads(model, features, labels, dtype=torch.float32):
 @pytest.mark.parametrize("name", METHODS)
 def test_fused_qkv_computes_the_same_logits_and_gradients(name):
     fused = model_for(METHODS[name])
+    fused.backbone.set_fused_qkv(True)
     separate = copy.deepcopy(fused)
     separate.backbone.set_fused_qkv(False)
     features, labels = batch()
@@ -81,6 +82,7 @@ def test_bf16_fast_path_stays_within_bf16_tolerance_of_fp32(name):
     reference = model_for(METHODS[name])
     fast = copy.deepcopy(reference)
     fast.cast_frozen(torch.bfloat16)
+    fast.backbone.set_fused_qkv(True)
     features, labels = batch()
     logits_ref, _ = loss_and_grads(reference, features, labels)
     logits_fast, grads_fast = loss_and_grads(fast, features, labels, torch.bfloat16)
@@ -95,6 +97,7 @@ def test_bf16_fast_path_stays_within_bf16_tolerance_of_fp32(name):
 
 def test_merged_lora_takes_the_fused_path_unchanged():
     model = model_for(LoRAConfig(targets=("q", "k", "v"), reduction_rate=8)).eval()
+    model.backbone.set_fused_qkv(True)
     features, _ = batch()
     with torch.no_grad():
         unmerged = model(features)
@@ -120,6 +123,7 @@ class Doubled(nn.Module):
 def test_an_unknown_projection_module_falls_back_to_separate_projections():
     torch.manual_seed(0)
     backbone = AST(TINY).eval()
+    backbone.set_fused_qkv(True)
     reference = copy.deepcopy(backbone)
     features, _ = batch()
     for model in (backbone, reference):
@@ -166,6 +170,7 @@ def saved_tensors(model, features, labels):
 
 def test_the_fused_gemm_saves_no_copy_of_the_frozen_weights():
     model = model_for(METHODS["adapter_pf_par"])
+    model.backbone.set_fused_qkv(True)
     features, labels = batch()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = saved_tensors(model, features, labels)
@@ -199,6 +204,15 @@ def test_fused_adamw_takes_the_same_steps(tmp_path, fused):
         torch.testing.assert_close(results[fused][name], results[False][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_fused_qkv_defaults_to_cuda_only():
+    attention = AST(TINY).blocks[0].attn
+    assert attention.fused_qkv is None  # decided per call from the input's device
+    calls = []
+    attention.q.register_forward_hook(lambda *args: calls.append("q"))
+    attention(torch.randn(1, 4, TINY.hidden_size))
+    assert calls == ["q"]  # on the CPU: the separate projections ran
+
+
 def test_compile_defaults_to_cuda_only():
     from audiopetl.train import TrainConfig
 
@@ -207,6 +221,7 @@ def test_compile_defaults_to_cuda_only():
 
 def test_regionally_compiled_blocks_match_eager_and_keep_names():
     model = model_for(METHODS["dpt"])
+    model.backbone.set_fused_qkv(True)
     reference = copy.deepcopy(model)
     model.backbone.compile_blocks()
     assert list(model.state_dict()) == list(reference.state_dict())

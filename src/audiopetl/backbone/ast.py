@@ -105,7 +105,8 @@ class Attention(nn.Module):
     """Multi-head self-attention with q/k/v/o projections and fused SDPA.
 
     The projections stay four modules (their names are the checkpoint keys and the
-    ``Block.linear`` extension point), but by default (``fused_qkv``) q, k and v run as
+    ``Block.linear`` extension point), but with ``fused_qkv`` (default: on CUDA; measured
+    slower with the CPU's bf16 kernels, so off there) q, k and v run as
     one GEMM on the concatenated weights, and SDPA reads (batch, heads, tokens, head_dim)
     strided views of its output: one cast of the input under autocast instead of three,
     one wide matmul instead of three narrow ones, and no layout copies. A projection
@@ -126,12 +127,14 @@ class Attention(nn.Module):
         # each (batch, p, hidden), prepended to the projected keys and values.
         self.prefix: nn.Module | None = None
         # Fast-path knob (not a parameter, not in the state dict): see the class docstring.
-        self.fused_qkv = True
+        # None: fused on CUDA only; True / False force it.
+        self.fused_qkv: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         projections = (self.q, self.k, self.v)
-        if self.fused_qkv and _fusable(projections):
+        fused = self.fused_qkv if self.fused_qkv is not None else x.device.type == "cuda"
+        if fused and _fusable(projections):
             qkv = self._fused_qkv(x, projections)
             # (batch, tokens, 3, heads, head_dim) -> three strided (batch, heads, tokens, head_dim) views.
             q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
@@ -387,8 +390,10 @@ class AST(nn.Module):
         for block in self.blocks:
             block.compile(**options)
 
-    def set_fused_qkv(self, enabled: bool) -> None:
-        """Switch the fused q/k/v GEMM of every block (default on; the function is the same)."""
+    def set_fused_qkv(self, enabled: bool | None) -> None:
+        """Force the fused q/k/v GEMM of every block on or off; None: on for CUDA only (the default).
+
+        Either way the function is the same (see :class:`Attention`)."""
         for block in self.blocks:
             block.attn.fused_qkv = enabled
 
