@@ -2,9 +2,11 @@
 
 The safetensors metadata holds one JSON entry, ``audiopetl``: format version, method
 configs, head size, pooling, extra trainable names, class names, the backbone's source,
-config and weight fingerprint, and the caller's metadata (frontend settings, dataset...).
-Loading rebuilds the model on the backbone the file names (or the one given) and refuses
-a backbone whose config or fingerprint differs, and files that cannot be read.
+config and weight fingerprint, the caller's metadata (frontend settings, dataset, the
+precision it was trained in...) and a SHA-256 of the tensors. Saving refuses NaN/Inf tensors.
+Loading verifies the checksum and finiteness, rebuilds the model on the backbone the file
+names (or the one given) and refuses a backbone whose config or fingerprint differs, and
+files that cannot be read.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_path
+from ..atomic import WriteError, atomic_path, write_error
+from ..integrity import non_finite, tensor_checksum
 from .registry import method_from_dict
 
 if TYPE_CHECKING:
@@ -63,9 +66,18 @@ def save_adapter(
     }
     stored = STORAGE_DTYPES[dtype]
     tensors = {name: t.detach().cpu().to(stored).contiguous() for name, t in model.adapter_state_dict().items()}
+    bad = non_finite(tensors)
+    if bad:
+        raise ValueError(f"not saving {str(path)!r}: tensors {bad[:5]} hold NaN or infinite values")
+    header["checksum"] = tensor_checksum(tensors)
     path = Path(path)
-    with atomic_path(path) as temp:
-        save_file(tensors, temp, metadata={HEADER_KEY: json.dumps(header)})
+    try:
+        with atomic_path(path) as temp:
+            save_file(tensors, temp, metadata={HEADER_KEY: json.dumps(header)})
+    except WriteError:
+        raise
+    except Exception as error:  # safetensors reports write failures with its own error type
+        raise write_error(path, error) from error
     return path
 
 
@@ -130,6 +142,7 @@ def load_adapter(path: str | Path, backbone: AST | None = None, map_location: st
         metadata=header["metadata"],
     )
     _load_trained(path, model, tensors)
+    _check_integrity(path, header, tensors)
     return model
 
 
@@ -148,6 +161,14 @@ def _check_backbone(path: str | Path, record: dict, backbone: AST) -> None:
             f"{path}: made for {made_for} (weights fingerprint {record['fingerprint']}), but the given backbone "
             f"{getattr(backbone, 'source', '')!r} has fingerprint {fingerprint}; load the backbone it was trained on"
         )
+
+
+def _check_integrity(path: str | Path, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+    if header.get("checksum") != tensor_checksum(tensors):
+        raise AdapterFileError(f"{path}: the file is corrupt (its tensors do not match the checksum in its header)")
+    bad = non_finite(tensors)
+    if bad:
+        raise AdapterFileError(f"{path}: tensors {bad[:5]} hold NaN or infinite values; the adapter is unusable")
 
 
 def _load_trained(path: str | Path, model: PETLModel, tensors: dict[str, torch.Tensor]) -> None:

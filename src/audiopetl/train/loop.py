@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path, remove_stale_temporaries
+from ..integrity import non_finite
 from .checkpoint import copy_state, load_checkpoint, save_checkpoint, write_json
 
 CHECKPOINT = "checkpoint.pt"
@@ -133,6 +135,7 @@ def fit(
     start_epoch = 1
 
     checkpoint_path = run_dir / CHECKPOINT
+    remove_stale_temporaries(run_dir)  # leftovers of a run killed while writing
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         with torch.no_grad():
@@ -143,8 +146,7 @@ def fit(
         generator.set_state(state["generator"])
         best = state["best"]
         start_epoch = state["epoch"] + 1
-    elif (run_dir / LOG).exists():
-        (run_dir / LOG).unlink()  # a fresh run must not append to a stale log
+    trim_log(run_dir / LOG, last_epoch=start_epoch - 1)
 
     writer = _tensorboard(run_dir) if settings.tensorboard else None
     for epoch in range(start_epoch, settings.epochs + 1):
@@ -167,6 +169,7 @@ def fit(
             with autocast(settings):
                 logits = forward(inputs).float()
             loss = F.cross_entropy(logits, labels)
+            _check_finite(loss, run_dir, epoch, step)
             (loss / settings.grad_accum).backward()
             if step % settings.grad_accum == 0 or step == steps:
                 optimizer.step()
@@ -178,6 +181,7 @@ def fit(
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", clips_per_s=f"{seen / (time.perf_counter() - started):.1f}")
         elapsed = time.perf_counter() - started
 
+        _check_weights(named, run_dir, epoch)
         model.eval()
         valid_metrics = evaluate(forward, valid, settings)
         if valid_metrics["accuracy"] > best["accuracy"]:
@@ -233,6 +237,52 @@ def fit(
     }
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+def _check_finite(loss: torch.Tensor, run_dir: Path, epoch: int, step: int) -> None:
+    """Stop at the first non-finite loss, before it reaches the weights or a checkpoint."""
+    if bool(torch.isfinite(loss)):
+        return
+    kept = f"the checkpoint of epoch {epoch - 1} is kept in {run_dir}" if epoch > 1 else "no checkpoint was written"
+    raise NonFiniteLossError(
+        f"{run_dir.name}: the training loss is {loss.item()} at epoch {epoch}, step {step}; training stopped "
+        f"({kept}). Lower the learning rate (--lr) or use --precision fp32, and train again"
+    )
+
+
+def _check_weights(named: dict[str, torch.Tensor], run_dir: Path, epoch: int) -> None:
+    """An update that overflowed leaves non-finite weights: never checkpoint or ship them."""
+    bad = non_finite(named)
+    if bad:
+        raise NonFiniteLossError(
+            f"{run_dir.name}: trained tensors {bad[:3]} became NaN or infinite in epoch {epoch}; training stopped "
+            f"(the last good checkpoint is kept in {run_dir}). Lower the learning rate (--lr) and train again"
+        )
+
+
+def trim_log(path: Path, last_epoch: int) -> None:
+    """Keep the log's records of epochs up to ``last_epoch`` (the checkpoint's): a run killed
+    between writing its log line and its checkpoint repeats that epoch on resume, and a
+    fresh run (``last_epoch`` 0) starts an empty log."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if record.get("epoch", last_epoch + 1) <= last_epoch:
+            kept.append(line)
+    if not kept:
+        path.unlink()
+        return
+    with atomic_path(path) as temp:
+        temp.write_text("".join(line + "\n" for line in kept))
 
 
 def _tensorboard(run_dir: Path):
