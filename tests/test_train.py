@@ -34,6 +34,7 @@ def config(dataset, tmp_path, **overrides) -> TrainConfig:
         cache_dir=str(tmp_path / "cache"),
         progress=False,
         device="cpu",
+        precision="fp32",  # pinned: numbers must not depend on whether this CPU has fast bf16
     )
     values.update(overrides)
     return TrainConfig(**values)

@@ -130,6 +130,9 @@ def remove_stale_temporaries(folder: str | Path) -> list[Temporary]:
     removed = []
     for temporary in find_temporaries(folder):
         if temporary.stale:
-            temporary.path.unlink(missing_ok=True)
+            try:
+                temporary.path.unlink(missing_ok=True)
+            except OSError:  # a read-only folder: leave it, the write that follows says why
+                continue
             removed.append(temporary)
     return removed

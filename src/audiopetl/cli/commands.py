@@ -7,6 +7,7 @@ from it. Heavy imports happen inside the run functions so ``--help`` stays insta
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 # Method options the CLI exposes, mapped to the method-config field they set.
@@ -79,7 +80,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=_UNSET, help="dataset name (see `audiopetl data list`)")
     parser.add_argument("--data-root", default=_UNSET, help="dataset folder (see `audiopetl data info NAME`)")
     parser.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/DATASET-METHOD)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --run-dir with the options recorded in its config.yaml "
+                        "(only --no-progress, --tensorboard, --cache-dir may be added)")
     _add_method_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default=_UNSET,
@@ -151,13 +154,33 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
+def resume_config_from_args(args: argparse.Namespace):
+    """The configuration recorded in ``--run-dir``; only options that leave the result
+    unchanged (progress bars, TensorBoard, cache folder) may be given with ``--resume``."""
+    import dataclasses
+
+    from ..train.run import RUNTIME_OPTIONS, recorded_config
+
+    if args.run_dir is None:
+        raise ValueError("--resume needs --run-dir: the folder of the run to continue")
+    changing = [k for k in vars(args) if k not in _NOT_CONFIG and k not in RUNTIME_OPTIONS]
+    changing += [k for k in ["method", *METHOD_OPTIONS, "residual"] if getattr(args, k) is not None]
+    changing += ["config"] if args.config is not None else []
+    if changing:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changing)
+        raise ValueError(
+            f"--resume continues {args.run_dir} exactly as recorded in its config.yaml; these options would "
+            f"change its result: {flags}. Drop them, or train a new run with another --run-dir"
+        )
+    runtime = {k: v for k, v in vars(args).items() if k in RUNTIME_OPTIONS}
+    return dataclasses.replace(recorded_config(args.run_dir), **runtime)
+
+
 def run_train(args: argparse.Namespace) -> dict:
     from ..train import resolve, run_training
 
-    config = resolve(config_from_args(args))
+    config = resolve(resume_config_from_args(args) if args.resume else config_from_args(args))
     run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(config.method)}"
-    if args.resume and not run_dir.exists():
-        raise ValueError(f"--resume: run directory {run_dir} does not exist")
     summary = run_training(config, run_dir, resume=args.resume)
     print(f"run directory: {run_dir}")
     return {k: summary[k] for k in ("dataset", "test_accuracy_mean", "test_accuracy_std", "trainable_parameters")}
@@ -182,6 +205,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: $AUDIOPETL_CACHE or ~/.cache/audiopetl)")
+    parser.add_argument("--skip-bad-audio", action=argparse.BooleanOptionalAction, default=False,
+                        help="leave out undecodable/empty/NaN/silent files (listed in the output) instead of stopping")
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -197,12 +222,15 @@ def run_eval(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         device=args.device,
         cache_dir=args.cache_dir,
+        skip_bad_audio=args.skip_bad_audio,
     )
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", type=Path, help="adapter file written by `train`")
-    parser.add_argument("inputs", nargs="+", type=Path, help="audio files or folders")
+    parser.add_argument("inputs", nargs="+", type=Path,
+                        help="audio files or folders; files that cannot be used get an error row, and the exit "
+                        "status is non-zero only when no file could be predicted")
     parser.add_argument("--top-k", type=int, default=5, help="labels (with probabilities) per file")
     parser.add_argument("--format", choices=("json", "csv"), default="json", help="output format")
     parser.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
@@ -216,9 +244,18 @@ def run_predict(args: argparse.Namespace) -> None:
     predictions = predict_files(args.adapter, args.inputs, top_k=args.top_k, backbone=args.backbone, device=args.device)
     text = format_predictions(predictions, args.format)
     if args.output:
-        args.output.write_text(text)
+        from ..atomic import atomic_path
+
+        with atomic_path(args.output) as temp:
+            temp.write_text(text)
     else:
         print(text, end="")
+    failed = sum("error" in p for p in predictions)
+    if failed == len(predictions):
+        raise ValueError(f"none of the {failed} file(s) could be predicted (reasons above and in the output)")
+    if failed:
+        print(f"audiopetl predict: {failed} of {len(predictions)} file(s) could not be used (error rows in the output)",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- params
@@ -282,13 +319,20 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cache(args: argparse.Namespace) -> None:
-    from ..data import clear_cache, list_cache_entries
+    from ..data import clear_cache, list_cache_entries, list_temporaries
 
     if args.cache_command == "ls":
         entries = list_cache_entries(args.cache_dir)
         for entry in entries:
             print(entry)
-        if not entries:
+        temporaries = list_temporaries(args.cache_dir)
+        for temp in temporaries:
+            state = (
+                "stale: left by a killed build, removed at the next use or by `cache clear`"
+                if temp.stale else f"being written by process {temp.pid} on {temp.host}"
+            )
+            print(f"temporary {temp.size_bytes / 2**20:9.1f} MiB  {temp.path.name}  ({state})")
+        if not entries and not temporaries:
             print("(cache is empty)")
     else:
         removed = clear_cache(args.cache_dir, key=args.key)

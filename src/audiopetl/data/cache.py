@@ -5,8 +5,11 @@ An entry is `<key>.f32` (raw rows of (max_frames, num_mel_bins)) plus `<key>.jso
 manifest, under `<cache dir>/features/`. The key hashes every file's path, size and
 mtime (ns) with the frontend settings, so a touched file or a changed setting gives a new
 entry. The data file is built under a temporary name, fsynced and renamed; the manifest
-is written the same way and last. Only an entry with a manifest is trusted, so a build
-that dies halfway leaves nothing a later run would use.
+is written the same way and last, with a checksum of the data file. Only an entry with a
+manifest is trusted, and only while its data file matches the checksum (verified once per
+process), so a build that dies halfway or a corrupted file leaves nothing a later run
+would use: the entry is rebuilt. Temporaries of killed builds on this host are removed at
+the next use; `cache ls` shows the ones present.
 
 Unusable files (undecodable, empty, NaN/Inf, silent) are recorded in the manifest, so a
 rerun reports them, or skips them, without decoding anything again.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,13 +30,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic import atomic_path
+from ..atomic import Temporary, WriteError, atomic_path, find_temporaries, remove_stale_temporaries
+from ..integrity import file_checksum
 from ..frontend import AudioError, Fbank, FbankConfig, load_audio
 from .base import DatasetIndex
 
 CACHE_ENV = "AUDIOPETL_CACHE"
 FORMAT = 1  # bump when the stored layout or the meaning of a key changes
 BATCH = 32  # clips per filterbank call: enough to amortise, small enough for 2-core laptops
+_VERIFIED: set[tuple[str, int, int]] = set()  # data files this process has checksummed (path, size, mtime)
 
 
 def default_cache_dir() -> Path:
@@ -110,7 +116,16 @@ class FeatureCache:
         """
         paths = [os.path.abspath(p) for p in paths]
         key = self.key(paths, config)
-        manifest = self._trusted_manifest(key) or self._build(key, paths, config, progress)
+        remove_stale_temporaries(self.dir)  # leftovers of builds killed earlier (never a live one's)
+        manifest = self._verified_manifest(key)
+        if manifest is None:
+            try:
+                manifest = self._build(key, paths, config, progress)
+            except OSError as error:
+                raise WriteError(
+                    f"cannot write the feature cache in {str(self.dir)!r}: {error}; pass --cache-dir (or set "
+                    f"${CACHE_ENV}) to a writable folder with enough free space"
+                ) from error
         bad = [(paths[i], reason) for i, reason in manifest["bad"]]
         if bad and not skip_bad_audio:
             raise BadAudioError(bad)
@@ -131,6 +146,22 @@ class FeatureCache:
             return None
         return manifest
 
+    def _verified_manifest(self, key: str) -> dict | None:
+        """The entry's manifest if its data file still has the checksum recorded at build time;
+        a corrupt entry is announced and left to be rebuilt."""
+        manifest = self._trusted_manifest(key)
+        if manifest is None:
+            return None
+        data = self.dir / f"{key}.f32"
+        stat = data.stat()
+        if (str(data), stat.st_size, stat.st_mtime_ns) in _VERIFIED:
+            return manifest
+        if manifest.get("checksum") != file_checksum(data):
+            print(f"audiopetl: cache entry {data} is corrupt (checksum mismatch); rebuilding it", file=sys.stderr)
+            return None
+        _VERIFIED.add((str(data), stat.st_size, stat.st_mtime_ns))
+        return manifest
+
     def _build(self, key: str, paths: list[str], config: FbankConfig, progress: bool) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
         # An old manifest must not vouch for a data file that is about to be replaced.
@@ -146,6 +177,7 @@ class FeatureCache:
             "bad": bad,
             "frontend": config.to_dict(),
             "size_bytes": (self.dir / f"{key}.f32").stat().st_size,
+            "checksum": file_checksum(self.dir / f"{key}.f32"),
         }
         with atomic_path(self.dir / f"{key}.json") as temp:
             temp.write_text(json.dumps(manifest, indent=1))
@@ -200,6 +232,12 @@ def list_cache_entries(cache_dir: str | os.PathLike | None = None) -> list[Cache
                 )
             )
     return sorted(entries, key=lambda entry: entry.created)
+
+
+def list_temporaries(cache_dir: str | os.PathLike | None = None) -> list[Temporary]:
+    """Partly written files in the cache: builds under way, or leftovers of killed ones
+    (``.stale``; removed by the next cache use on this host, or by `cache clear`)."""
+    return find_temporaries(FeatureCache(cache_dir).dir)
 
 
 def clear_cache(cache_dir: str | os.PathLike | None = None, key: str | None = None) -> int:

@@ -46,6 +46,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, allow_silent: 
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     if not Path(path).is_file():
+        if Path(path).is_dir():
+            raise AudioError(path, "it is a folder, not an audio file")
+        if Path(path).is_symlink():
+            raise AudioError(path, f"it is a broken symbolic link (to {os.readlink(path)!r}): no such file")
         raise AudioError(path, "no such file")
     try:
         data, file_rate = sf.read(path, dtype="float32", always_2d=True)

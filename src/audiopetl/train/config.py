@@ -9,6 +9,7 @@ method's default" and are filled in by :func:`resolve`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,10 +72,15 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         if self.grad_accum < 1:
             raise ValueError(f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        # `not (low <= x < high)` also refuses NaN, which every comparison fails.
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ValueError(f"TrainConfig.lr must be a finite positive number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"TrainConfig.eps must be a finite positive number, got {self.eps}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,6 +1,7 @@
 """One training run from a :class:`TrainConfig`: data -> features -> model -> fit, per split.
 
-The run directory holds ``config.yaml`` (the resolved configuration), one sub-directory
+The run directory holds ``config.yaml`` (the resolved configuration, precision included,
+which ``resume`` reads back and refuses to change), one sub-directory
 per split with its log, checkpoint, metrics and best adapter file, ``bad_audio.txt``
 when files were skipped, and ``metrics.json`` with per-split and mean +- std test
 accuracy. A run whose ``metrics.json`` exists is finished.
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
+from ..atomic import atomic_path, remove_stale_temporaries
 from ..backbone import load_backbone
 from ..data import SpecAugment, few_shot_subset, get_dataset, index_features, write_bad_audio_report
 from ..frontend import FbankConfig
@@ -24,9 +27,10 @@ from .checkpoint import write_json
 from .config import LEARNING_RATES, TrainConfig
 from .embeddings import LinearProbeForward, pooled_embeddings
 from .loop import Batches, LoopSettings, fit
-from .precision import resolve_device, resolve_precision
+from .precision import DTYPES, resolve_device, resolve_precision_name
 
 METRICS = "metrics.json"
+CONFIG = "config.yaml"
 ADAPTER = "adapter.safetensors"
 
 
@@ -53,11 +57,15 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
     """Train ``config`` on every selected split; returns (and writes) the run's metrics."""
     config = resolve(config)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    device = resolve_device(config.device)
+    if resume:
+        config = check_resume(config, run_dir)
+    config = dataclasses.replace(config, precision=resolve_precision_name(config.precision, device))
+    with atomic_path(run_dir / CONFIG) as temp:
+        temp.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    remove_stale_temporaries(run_dir)
 
     methods = resolve_methods(config.method)
-    device = resolve_device(config.device)
     settings = LoopSettings(
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -68,7 +76,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         grad_accum=config.grad_accum,
         seed=config.seed,
         device=device,
-        dtype=resolve_precision(config.precision, device),
+        dtype=DTYPES[config.precision],
         progress=config.progress,
         tensorboard=config.tensorboard,
     )
@@ -83,13 +91,16 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             raise ValueError(f"folds {unknown} do not exist for {config.dataset}; valid: {valid_folds}")
         splits = [splits[f - 1] for f in config.folds]
 
+    # Everything that can fail without audio fails here, before the (long) feature computation.
+    backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
+    check_model(backbone, methods, len(index.class_names), config)
+
     fbank = FbankConfig(max_frames=config.max_frames)
     data = index_features(index, fbank, config.cache_dir, config.skip_bad_audio, config.progress)
     if data.bad:
-        write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
+        report = write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
+        warn(f"skipped {len(data.bad)} unusable audio file(s); the list with reasons is in {report}")
     features, labels = data.features, data.labels
-
-    backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
     linear_probe = config.embedding_cache and all(m.to_dict()["method"] == "linear" for m in methods)
     embeddings = None
     if linear_probe:
@@ -101,6 +112,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         train_idx = data.rows(split.train)
         if config.few_shot:
             train_idx = few_shot_subset(labels, train_idx, config.few_shot, seed=config.few_shot_seed)
+        warn_untrained_classes(split.name, index.class_names, labels, train_idx, data.rows(split.test))
         torch.manual_seed(config.seed)
         model = build_model(
             copy.deepcopy(backbone),
@@ -115,6 +127,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
                 "frontend": fbank.to_dict(),
                 "dataset": config.dataset,
                 "split": split.name,
+                "precision": config.precision,
             },
         ).to(device)
         if config.grad_checkpointing:
@@ -159,6 +172,64 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
     return summary
 
 
+# Options a resumed run may change: they do not change what it computes.
+RUNTIME_OPTIONS = ("progress", "tensorboard", "num_workers", "cache_dir")
+
+
+def recorded_config(run_dir: str | Path) -> TrainConfig:
+    """The configuration a run recorded in its ``config.yaml``."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a run directory: it has no {CONFIG} to resume from")
+    try:
+        values = yaml.safe_load(path.read_text())
+        return TrainConfig.from_dict(values)
+    except (yaml.YAMLError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read the run's configuration ({error})") from error
+
+
+def check_resume(config: TrainConfig, run_dir: str | Path) -> TrainConfig:
+    """The run's recorded configuration, after checking ``config`` changes nothing that
+    matters (a resumed run must end exactly as the uninterrupted one would)."""
+    recorded = recorded_config(run_dir)
+    if config.precision == "auto":  # means "as recorded", not "as this machine would choose"
+        config = dataclasses.replace(config, precision=recorded.precision)
+    ours, theirs = _plain(config.to_dict()), _plain(resolve(recorded).to_dict())
+    changed = [k for k in ours if k not in RUNTIME_OPTIONS and ours[k] != theirs.get(k)]
+    if changed:
+        listing = ", ".join(f"{k} ({theirs.get(k)!r} -> {ours[k]!r})" for k in changed)
+        raise ValueError(
+            f"cannot resume {run_dir} with other options, they would change its result: {listing}; "
+            f"resume with the options recorded in {Path(run_dir) / CONFIG}, or train a new run directory"
+        )
+    runtime = {k: getattr(config, k) for k in RUNTIME_OPTIONS}
+    return dataclasses.replace(recorded, **runtime)
+
+
+def check_model(backbone, methods, num_classes: int, config: TrainConfig) -> None:
+    """Build the model on the meta device (no memory, no time) so a method that does not fit
+    the backbone, an unknown extra-trainable name or pooling fails now, not after decoding."""
+    from ..backbone import AST
+
+    with torch.device("meta"):
+        build_model(
+            AST(backbone.config), methods, num_classes=num_classes, pooling=config.pooling,
+            extra_trainable=config.extra_trainable,
+        )
+
+
+def warn_untrained_classes(split: str, class_names, labels: np.ndarray, train_rows, test_rows) -> None:
+    """Classes the test set has but training never sees can only be scored wrong."""
+    trained = set(labels[train_rows].tolist())
+    missing = sorted({class_names[c] for c in labels[test_rows].tolist() if c not in trained})
+    if missing:
+        warn(f"{split}: classes {missing} occur in the test set but not in the training set")
+
+
+def warn(message: str) -> None:
+    print(f"audiopetl: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _parameter_counts(model: PETLModel) -> dict:
     return {"trainable_parameters": model.num_trainable(), "paper_parameters": model.paper_parameter_count()}
 
@@ -172,4 +243,4 @@ def _plain(value):
     return value
 
 
-__all__ = ["ADAPTER", "METRICS", "is_finished", "resolve", "run_training"]
+__all__ = ["ADAPTER", "CONFIG", "METRICS", "check_resume", "is_finished", "recorded_config", "resolve", "run_training"]
