@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,10 +96,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         temp = _create(path)
     except OSError as error:
         raise write_error(path, error) from error
+    mode = stat.S_IMODE(temp.stat().st_mode)  # 0666 & ~umask, as created
     try:
         yield temp
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
+        if stat.S_IMODE(temp.stat().st_mode) != mode:  # some writers (safetensors) recreate it 0600
+            os.chmod(temp, mode)
         os.replace(temp, path)
     except BaseException as error:
         temp.unlink(missing_ok=True)
