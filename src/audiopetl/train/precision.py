@@ -69,11 +69,6 @@ def resolve_precision_name(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """Map a precision name to the autocast dtype to use on ``device``."""
-    return DTYPES[resolve_precision_name(precision, device)]
-
-
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present; anything else is passed to torch.device."""
     if device == "auto":

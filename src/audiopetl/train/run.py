@@ -58,7 +58,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
     config = resolve(config)
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
-    if resume:
+    if resume and (run_dir / CONFIG).exists():  # else nothing was started: a sweep resumes every run
         config = check_resume(config, run_dir)
     config = dataclasses.replace(config, precision=resolve_precision_name(config.precision, device))
     with atomic_path(run_dir / CONFIG) as temp:
