@@ -24,11 +24,7 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au"}
 
 
 def load_for_inference(adapter: str | Path, backbone: str | None = None, device: str = "auto") -> PETLModel:
-    """The adapter's model on ``device`` in eval mode; ``backbone`` overrides the file's backbone id.
-
-    Frozen weights are cast to the precision the adapter was trained in (its metadata), as
-    training did, so scores match the run's.
-    """
+    """The adapter's model on ``device`` in eval mode; ``backbone`` overrides the file's backbone id."""
     backbone_model = None
     if backbone is not None:
         from ..backbone import load_backbone
@@ -38,15 +34,12 @@ def load_for_inference(adapter: str | Path, backbone: str | None = None, device:
         backbone_model = load_backbone(
             backbone, max_frames=metadata["frontend"]["max_frames"], pos_embed=metadata.get("pos_embed", "adapt")
         )
-    model = load_adapter(adapter, backbone=backbone_model).to(resolve_device(device)).eval()
-    dtype = recorded_dtype(model)
-    if dtype != torch.float32:
-        model.cast_frozen(dtype)
-    return model
+    return load_adapter(adapter, backbone=backbone_model).to(resolve_device(device)).eval()
 
 
 def recorded_dtype(model: PETLModel) -> torch.dtype:
-    """The compute dtype the adapter was trained with (files without the record: fp32)."""
+    """The autocast dtype the adapter was trained with (files without the record: fp32), so
+    ``eval`` and ``predict`` compute as training did."""
     return DTYPES[model.metadata.get("precision", "fp32")]
 
 

@@ -250,7 +250,7 @@ def _check_finite(loss: torch.Tensor, run_dir: Path, epoch: int, step: int) -> N
     kept = f"the checkpoint of epoch {epoch - 1} is kept in {run_dir}" if epoch > 1 else "no checkpoint was written"
     raise NonFiniteLossError(
         f"{run_dir.name}: the training loss is {loss.item()} at epoch {epoch}, step {step}; training stopped "
-        f"({kept}). Lower the learning rate (--lr) or use --precision fp32, and train again"
+        f"({kept}). Lower the learning rate (--lr) and train again"
     )
 
 
