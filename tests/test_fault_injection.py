@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,8 @@ def _log(run_dir: Path) -> list[dict]:
 
 
 def kill_and_resume(tmp_path: Path, kills: int, seed: int) -> None:
+    """Kill runs with SIGKILL at random moments, resume each until it finishes; every epoch
+    logged and the final adapter and metrics must equal an uninterrupted run's, bit for bit."""
     data = make_synthetic_dataset(tmp_path / "data", clips_per_class=6, seconds=0.5, seed=5)
     cache = tmp_path / "cache"
     started = time.monotonic()
@@ -55,30 +58,41 @@ def kill_and_resume(tmp_path: Path, kills: int, seed: int) -> None:
     window = time.monotonic() - started  # only where to aim the kills; nothing is asserted on time
     expected_log = _log(tmp_path / "reference")
     expected = load_file(next((tmp_path / "reference").glob("*/adapter.safetensors")))
+    expected_metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())["splits"][0]
+
+    def check_finished(run_dir: Path) -> None:
+        assert _log(run_dir) == expected_log
+        resumed = load_file(next(run_dir.glob("*/adapter.safetensors")))
+        assert resumed.keys() == expected.keys()
+        assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+        metrics = json.loads((run_dir / "metrics.json").read_text())["splits"][0]
+        for name in ("test_accuracy", "test_loss", "best_epoch", "best_valid_accuracy"):
+            assert metrics[name] == expected_metrics[name], name
+        assert not list(run_dir.rglob("*.tmp")) and not list((cache / "features").glob("*.tmp"))
 
     rng = random.Random(seed)
     run_dir = tmp_path / "run"
     done = 0
-    while done < kills:
+    for _ in range(6 * kills):  # a run may finish before its kill: then it is checked and a new one starts
+        if done == kills:
+            break
         process = _train(data, run_dir, cache, resume=(run_dir / "config.yaml").exists())
         time.sleep(rng.uniform(0.2, window))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
+            process.wait(timeout=300)
             done += 1
-        process.wait(timeout=300)
-        if list(run_dir.glob("*/log.jsonl")):  # every epoch logged so far equals the uninterrupted run's
-            log = _log(run_dir)
-            assert log == expected_log[: len(log)]
+            if list(run_dir.glob("*/log.jsonl")):  # every epoch logged so far equals the uninterrupted run's
+                log = _log(run_dir)
+                assert log == expected_log[: len(log)]
+        else:
+            assert process.wait() == 0, process.stderr.read()
+            check_finished(run_dir)
+            shutil.rmtree(run_dir)
+    assert done == kills
     final = _train(data, run_dir, cache, resume=(run_dir / "config.yaml").exists())
     assert final.wait(timeout=300) == 0, final.stderr.read()
-    assert _log(run_dir) == expected_log
-    resumed = load_file(next(run_dir.glob("*/adapter.safetensors")))
-    assert resumed.keys() == expected.keys()
-    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
-    for name in ("test_accuracy", "test_loss", "best_epoch"):
-        ours = json.loads((run_dir / "metrics.json").read_text())["splits"][0][name]
-        assert ours == json.loads((tmp_path / "reference" / "metrics.json").read_text())["splits"][0][name]
-    assert not list(run_dir.rglob("*.tmp")) and not list((cache / "features").glob("*.tmp"))
+    check_finished(run_dir)
 
 
 def test_two_kills_at_random_moments_resume_bit_identical(tmp_path):
