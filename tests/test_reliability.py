@@ -84,6 +84,7 @@ def test_detection_reads_hardware_flags_not_a_stopwatch(monkeypatch):
     hardware = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     if hardware:
         assert precision_module.cpu_has_fast_bf16()
+    assert precision_module.cpu_has_fast_bf16() == bool(precision_module.cpu_bf16_features())
     assert len({precision_module.cpu_has_fast_bf16() for _ in range(20)}) == 1  # no stopwatch to flip it
     monkeypatch.setenv(precision_module.FAST_BF16_ENV, "maybe")
     with pytest.raises(ValueError, match="AUDIOPETL_FAST_BF16"):

@@ -24,15 +24,17 @@ FAST_BF16_ENV = "AUDIOPETL_FAST_BF16"
 
 
 def cpu_bf16_features() -> list[str]:
-    """The bf16 multiply features this CPU reports (empty: none)."""
-    found = []
-    cpu = torch.cpu
-    for name, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_tile", "_is_amx_tile_supported")):
-        if getattr(cpu, probe, lambda: False)():
-            found.append(name)
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        found += [f for f in _proc_cpuinfo_flags() if f in ("bf16", "sve_bf16")]
-    return found
+    """The bf16 multiply features this CPU reports (empty: none): PyTorch's own probes, and
+    the kernel's flags (x86 ``avx512_bf16``/``amx_bf16``, Arm ``bf16``) where PyTorch has none."""
+    found = set()
+    for name, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
+        if getattr(torch.cpu, probe, lambda: False)():
+            found.add(name)
+    flags = _proc_cpuinfo_flags()
+    found.update(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
+    if platform.machine().lower() in ("aarch64", "arm64") and "bf16" in flags:
+        found.add("bf16")
+    return sorted(found)
 
 
 def _proc_cpuinfo_flags() -> set[str]:
