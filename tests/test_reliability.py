@@ -313,6 +313,26 @@ except OSError as error:
     assert list(tmp_path.iterdir()) == []  # neither checkpoint nor temporary
 
 
+def test_a_full_cache_folder_is_one_clear_error(tmp_path, dataset):
+    paths = sorted(str(p) for p in Path(dataset).rglob("*.wav"))
+    script = f"""
+import resource, signal
+from audiopetl.data import FeatureCache
+from audiopetl.frontend import FbankConfig
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    FeatureCache({str(tmp_path / 'cache')!r}).features({paths!r}, FbankConfig(max_frames=50), progress=False)
+except OSError as error:
+    print("ERROR", error)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert "ERROR cannot write the feature cache in" in result.stdout and "--cache-dir" in result.stdout
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert list((tmp_path / "cache" / "features").iterdir()) == []  # no partial entry, no temporary
+
+
 def test_a_csv_row_with_too_few_fields_names_the_line(tmp_path, dataset):
     manifest = tmp_path / "manifest.csv"
     wav = next(Path(dataset).rglob("*.wav"))
