@@ -403,6 +403,8 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.out, backbone=args.backbone, epochs=args.epochs, clips_per_class=args.clips_per_class)
 
 
+from .serve_commands import add_export_arguments, add_serve_arguments, run_export, run_serve  # noqa: E402
+
 COMMANDS = {
     "demo": ("train LoRA and an adapter on a generated dataset, offline, in minutes", add_demo_arguments, run_demo),
     "train": ("train a PETL method on a dataset", add_train_arguments, run_train),
@@ -413,4 +415,6 @@ COMMANDS = {
     "cache": ("list or clear the feature cache", add_cache_arguments, run_cache),
     "reproduce": ("run a paper table or figure as a resumable sweep", add_reproduce_arguments, run_reproduce),
     "report": ("tables and plots from a folder of runs", add_report_arguments, run_report),
+    "serve": ("serve adapters over HTTP on one shared backbone", add_serve_arguments, run_serve),
+    "export": ("export an adapter to PEFT or ONNX", add_export_arguments, run_export),
 }

@@ -97,17 +97,27 @@ def predict_files(
                 results[i] = {"path": str(files[i]), "error": error.reason}
         if not chunk:
             continue
-        lengths = torch.tensor([len(w) for w in waves])
-        padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device_)
+        features = waveform_features(fbank, waves)  # fp32, as the training cache computed them
         with autocast(settings):
-            logits = model(fbank(padded, lengths=lengths.to(device_)))
-        scores, labels = logits.float().softmax(-1).cpu().topk(k, dim=-1)
-        for i, row_scores, row_labels in zip(chunk, scores, labels):
-            ranked = [
-                {"label": model.class_names[int(c)], "score": round(float(p), 6)} for p, c in zip(row_scores, row_labels)
-            ]
-            results[i] = {"path": str(files[i]), "label": ranked[0]["label"], "top_k": ranked}
+            probabilities = model(features).float().softmax(-1).cpu()
+        for i, row in zip(chunk, probabilities):
+            results[i] = prediction_record(str(files[i]), row, model.class_names, k)
     return [results[i] for i in range(len(files))]
+
+
+def waveform_features(fbank: Fbank, waves: list[torch.Tensor]) -> torch.Tensor:
+    """Model input for 1-D waveforms of any lengths, each as it would be alone (on ``fbank``'s device)."""
+    device = fbank.window.device
+    lengths = torch.tensor([len(w) for w in waves], device=device)
+    padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
+    return fbank(padded, lengths=lengths)
+
+
+def prediction_record(path: str | None, probabilities: torch.Tensor, class_names: list[str], k: int) -> dict:
+    """The record ``predict`` writes for one clip: path, top label, and the top-k labels with scores."""
+    scores, labels = probabilities.topk(k)
+    ranked = [{"label": class_names[int(i)], "score": round(float(s), 6)} for s, i in zip(scores, labels)]
+    return {"path": path, "label": ranked[0]["label"], "top_k": ranked}
 
 
 def format_predictions(predictions: list[dict], fmt: str = "json") -> str:
