@@ -7,6 +7,7 @@ from it. Heavy imports happen inside the run functions so ``--help`` stays insta
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -86,15 +87,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --run-dir with the options recorded in its config.yaml "
                         "(only --no-progress, --tensorboard, --cache-dir may be added)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="data-parallel processes on this machine (one GPU each, or CPU processes with gloo); "
+                        "--batch-size stays the global batch. Multi-node: torchrun -m audiopetl train (README)")
     _add_method_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default=_UNSET,
-                       help="hub id, local folder or 'tiny-random' (default: MIT/ast-finetuned-audioset-10-10-0.4593)")
+                       help="hub id or local folder; its config.json's model_type picks AST, wav2vec 2.0, HuBERT or "
+                            "WavLM; or a preset: 'tiny-random' (AST), 'tiny-random-wav2vec2', 'tiny-random-hubert', "
+                            "'tiny-random-wavlm', 'tiny-random-wav2vec2-stable' "
+                            "(default: MIT/ast-finetuned-audioset-10-10-0.4593)")
     model.add_argument("--pos-embed", choices=POS_EMBED_MODES, default=_UNSET,
                        help="'adapt' (default) the position table to the clip length, or 'zeros' as in the paper")
-    model.add_argument("--pooling", choices=("mean", "cls", "cls_dist"), default=_UNSET, help="head input (default: mean)")
+    model.add_argument("--pooling", choices=("mean", "cls", "cls_dist"), default=_UNSET, help="head input (default: mean; speech backbones: mean only)")
     model.add_argument("--extra-trainable", default=_UNSET, type=_comma_list,
-                       help="comma-separated extras: pos_embed, final_norm, block.N")
+                       help="comma-separated extras: final_norm, block.N; AST: pos_embed; "
+                            "speech backbones: pos_conv, feature_projection")
     data = parser.add_argument_group("data")
     data.add_argument("--protocol", default=_UNSET, help="split protocol (US8K: default or reference)")
     data.add_argument("--folds", default=_UNSET, type=lambda s: tuple(int(f) for f in _comma_list(s)),
@@ -134,7 +142,7 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(item for item in text.split(",") if item)
 
 
-_NOT_CONFIG = {"command", "config", "run_dir", "resume", "method", "residual", *METHOD_OPTIONS}
+_NOT_CONFIG = {"command", "config", "run_dir", "resume", "nproc", "method", "residual", *METHOD_OPTIONS}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -184,7 +192,19 @@ def run_train(args: argparse.Namespace) -> dict:
 
     config = resolve(resume_config_from_args(args) if args.resume else config_from_args(args))
     run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(config.method)}"
-    summary = run_training(config, run_dir, resume=args.resume)
+    if args.nproc > 1:
+        import json
+
+        from ..train import distributed
+
+        if distributed.requested():
+            raise ValueError("--nproc: this process is already one of several ranks (torchrun); drop --nproc")
+        distributed.spawn(run_training, args.nproc, config, run_dir, args.resume)
+        summary = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        summary = run_training(config, run_dir, resume=args.resume)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return None  # started by torchrun: rank 0 reports
     print(f"run directory: {run_dir}")
     return {k: summary[k] for k in ("dataset", "test_accuracy_mean", "test_accuracy_std", "trainable_parameters")}
 
@@ -264,7 +284,8 @@ def run_predict(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- params
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-config", default="vit-b",
-                        help="'vit-b' (AST base) or a config.json path; no weights are downloaded")
+                        help="'vit-b' (AST base) or a config.json path (AST, wav2vec 2.0, HuBERT, WavLM); "
+                             "no weights are downloaded")
     parser.add_argument("--num-classes", type=int, default=50, help="head size (Linear and Full FT counts)")
     parser.add_argument("--max-frames", type=int, default=1024, help="clip length (Full FT counts the position table)")
 
@@ -279,12 +300,17 @@ def run_params(args: argparse.Namespace) -> None:
         import json
 
         from ..backbone.checkpoint import config_from_transformers
+        from ..backbone.registry import family_for_type
 
         path = Path(args.backbone_config)
         if not path.is_file():
             raise FileNotFoundError(f"--backbone-config: no such config.json {str(path)!r}")
         values = json.loads(path.read_text())
-        config = dataclasses.replace(config_from_transformers(values, source=str(path)), max_frames=args.max_frames)
+        family = family_for_type(values.get("model_type"))
+        if family is not None:  # speech encoders: no position table, the clip length changes no count
+            config = family.config_from_transformers(values, str(path))
+        else:
+            config = dataclasses.replace(config_from_transformers(values, source=str(path)), max_frames=args.max_frames)
     print(format_parameter_table(parameter_table(config, num_classes=args.num_classes)))
 
 
@@ -343,29 +369,82 @@ def run_cache(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- reproduce / report / demo
+REPRODUCE_DESCRIPTION = """Run a paper table or figure as a resumable sweep of training runs.
+
+Launchers (--launcher):
+  local               one run after another in this process (default)
+  local --workers N   N concurrent worker processes: one visible GPU each (CUDA_VISIBLE_DEVICES,
+                      round robin), or on a CPU-only machine the cores shared out; logs in RUN/run.log
+  slurm               one sbatch job per run (script RUN/job.sbatch, log RUN/slurm-JOBID.log);
+                      resources from --partition/--time/--gpus/--cpus/--mem/--sbatch or the
+                      recipe's `slurm:` block; returns after submitting unless --wait
+
+Starting the same command again skips finished runs, leaves running ones alone, resumes
+interrupted ones from their checkpoint and retries failed ones; --run RUN_ID retries one
+alone. --status prints done/running/failed/pending per run; sweep.json in the runs folder
+keeps the same (the report reads it)."""
+
+
 def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     from ..experiments.recipes import recipe_names
 
-    parser.add_argument("table", choices=recipe_names(), help="paper experiment to run")
+    parser.description = REPRODUCE_DESCRIPTION
+    parser.formatter_class = _RawDescriptionDefaults
+    parser.add_argument("table", help=f"paper experiment to run: {', '.join(recipe_names())}, or a recipe YAML file")
     parser.add_argument("--data", action="append", default=[], metavar="DATASET=PATH",
                         help="dataset folder, repeat per dataset (e.g. --data esc50=ESC-50-master)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/TABLE")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training option for every run (e.g. --set epochs=5)")
     parser.add_argument("--only", default=None, help="comma-separated datasets to run (default: all in the recipe)")
+    parser.add_argument("--run", action="append", default=None, metavar="RUN_ID",
+                        help="only this run (a glob such as 'esc50/*' works); repeat for several")
     parser.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    parser.add_argument("--status", action="store_true", help="print done/running/failed/pending per run and exit")
+    launch = parser.add_argument_group("launcher")
+    launch.add_argument("--launcher", choices=("local", "slurm"), default="local", help="where runs execute")
+    launch.add_argument("--workers", type=int, default=1, help="local: concurrent worker processes")
+    launch.add_argument("--wait", action="store_true", help="slurm: wait until every job has left the queue")
+    slurm = parser.add_argument_group("slurm (override the recipe's `slurm:` block)")
+    slurm.add_argument("--partition", default=None, help="#SBATCH --partition")
+    slurm.add_argument("--time", default=None, help="#SBATCH --time, e.g. 04:00:00")
+    slurm.add_argument("--gpus", type=int, default=None, help="#SBATCH --gpus per job")
+    slurm.add_argument("--cpus", type=int, default=None, help="#SBATCH --cpus-per-task")
+    slurm.add_argument("--mem", default=None, help="#SBATCH --mem, e.g. 32G")
+    slurm.add_argument("--sbatch", action="append", default=[], metavar="LINE",
+                       help="extra #SBATCH line, e.g. --sbatch=--account=abc; repeatable")
+
+
+class _RawDescriptionDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def run_reproduce(args: argparse.Namespace) -> None:
     import yaml
 
-    from ..experiments.recipes import load_recipe, run_sweep
+    from ..experiments.launchers import make_launcher
+    from ..experiments.recipes import format_status, load_recipe, run_sweep, select_runs, sweep_status
 
+    recipe = load_recipe(args.table)
     roots = dict(_key_value(item, "--data") for item in args.data)
     overrides = {k: yaml.safe_load(v) for k, v in (_key_value(item, "--set") for item in args.set)}
     only = args.only.split(",") if args.only else None
-    runs_dir = args.runs_dir or Path("runs") / args.table
-    run_sweep(load_recipe(args.table), roots, runs_dir, overrides=overrides, only=only, dry_run=args.dry_run)
+    runs_dir = args.runs_dir or Path("runs") / recipe["name"]
+    if args.status:
+        print(format_status(sweep_status(select_runs(recipe, overrides, only, args.run), runs_dir)))
+        return
+    slurm = dict(recipe.get("slurm") or {})
+    for key in ("partition", "time", "gpus", "cpus", "mem"):
+        if getattr(args, key) is not None:
+            slurm[key] = getattr(args, key)
+    if args.sbatch:
+        slurm["extra"] = [*slurm.get("extra", []), *args.sbatch]
+    launcher = make_launcher(args.launcher, workers=args.workers, slurm=slurm, wait=args.wait)
+    run_sweep(recipe, roots, runs_dir, overrides=overrides, only=only, dry_run=args.dry_run, launcher=launcher,
+              select=args.run)
 
 
 def _key_value(item: str, option: str) -> tuple[str, str]:
@@ -392,7 +471,8 @@ def run_report(args: argparse.Namespace) -> None:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-run"), help="folder for data, runs and adapters")
     parser.add_argument("--backbone", default="tiny-random",
-                        help="'tiny-random' (offline, random weights) or a hub id / folder for real weights")
+                        help="'tiny-random' (offline AST, random weights), 'tiny-random-wav2vec2' (or -hubert, "
+                             "-wavlm: offline speech encoders) or a hub id / folder for real weights")
     parser.add_argument("--epochs", type=int, default=None, help="default: 20 (tiny) / 3 (real backbone)")
     parser.add_argument("--clips-per-class", type=int, default=32, help="size of the generated dataset")
 

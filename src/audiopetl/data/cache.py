@@ -1,15 +1,20 @@
-"""The feature cache: decode, resample and filterbank a list of files once per (files,
-frontend settings), store the result as a memory-mapped float32 array, and reuse it.
+"""The feature cache: decode, resample and run a frontend over a list of files once per
+(files, frontend settings), store the result as a memory-mapped float32 array, and reuse it.
 
-An entry is `<key>.f32` (raw rows of (max_frames, num_mel_bins)) plus `<key>.json`, its
+Any :class:`~audiopetl.frontend.Frontend` works: AST's filterbanks, or the frozen
+convolutional feature encoder of a speech backbone, so that epochs after the first skip it.
+An entry is `<key>.f32` (raw rows of the frontend's `feature_shape`) plus `<key>.json`, its
 manifest, under `<cache dir>/features/`. The key hashes every file's path, size and
 mtime (ns) with the frontend settings, so a touched file or a changed setting gives a new
 entry. The data file is built under a temporary name, fsynced and renamed; the manifest
 is written the same way and last, with a checksum of the data file. Only an entry with a
 manifest is trusted, and only while its data file matches the checksum (verified once per
 process), so a build that dies halfway or a corrupted file leaves nothing a later run
-would use: the entry is rebuilt. Temporaries of killed builds on this host are removed at
-the next use; `cache ls` shows the ones present.
+would use: the entry is rebuilt. Concurrent processes, on one host or several sharing the
+cache over NFS, build an entry once: the builder holds `<key>.lock`
+(:class:`audiopetl.buildlock.BuildLock`, a heartbeat lock file, not flock). Temporaries of
+killed builds on this host are removed at the next use (never a live process's); `cache
+ls` shows the ones present.
 
 Unusable files (undecodable, empty, NaN/Inf, silent) are recorded in the manifest, so a
 rerun reports them, or skips them, without decoding anything again.
@@ -31,13 +36,14 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import Temporary, WriteError, atomic_path, find_temporaries, remove_stale_temporaries
+from ..buildlock import BuildLock
+from ..frontend import AudioError, FbankConfig, Frontend, as_frontend, load_audio
 from ..integrity import file_checksum
-from ..frontend import AudioError, Fbank, FbankConfig, load_audio
 from .base import DatasetIndex
 
 CACHE_ENV = "AUDIOPETL_CACHE"
 FORMAT = 1  # bump when the stored layout or the meaning of a key changes
-BATCH = 32  # clips per filterbank call: enough to amortise, small enough for 2-core laptops
+BATCH = 32  # clips per frontend call: enough to amortise, small enough for 2-core laptops
 _VERIFIED: set[tuple[str, int, int]] = set()  # data files this process has checksummed (path, size, mtime)
 
 
@@ -83,18 +89,22 @@ class CacheEntry:
         date = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created))
         return (
             f"{self.key[:16]}  {self.size_bytes / 2**20:9.1f} MiB  {date}  {self.num_clips} clips"
-            f" ({self.num_bad} bad), {self.frontend['max_frames']} frames  {self.source}"
+            f" ({self.num_bad} bad), {self.frontend['max_frames']} frames"
+            f"{' (' + self.frontend['kind'] + ')' if 'kind' in self.frontend else ''}  {self.source}"
         )
 
 
 class FeatureCache:
-    """Filterbank features of audio files, computed once and memory-mapped afterwards."""
+    """Frontend features of audio files, computed once and memory-mapped afterwards.
+
+    Methods take a :class:`~audiopetl.frontend.Frontend` or, for filterbanks, its :class:`FbankConfig`.
+    """
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         self.root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.dir = self.root / "features"
 
-    def key(self, paths: Sequence[str], config: FbankConfig) -> str:
+    def key(self, paths: Sequence[str], config: Frontend | FbankConfig) -> str:
         """Content hash of the files' identities (path, size, mtime ns) and the settings."""
         files = []
         for path in paths:
@@ -103,25 +113,32 @@ class FeatureCache:
                 files.append([path, stat.st_size, stat.st_mtime_ns])
             except OSError:
                 files.append([path, None, None])  # missing: reported as bad when built
-        blob = json.dumps({"format": FORMAT, "frontend": config.to_dict(), "files": files}, sort_keys=True)
+        settings = as_frontend(config).settings
+        blob = json.dumps({"format": FORMAT, "frontend": settings, "files": files}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def features(
-        self, paths: Sequence[str | os.PathLike], config: FbankConfig, skip_bad_audio: bool = False,
+        self, paths: Sequence[str | os.PathLike], config: Frontend | FbankConfig, skip_bad_audio: bool = False,
         progress: bool = True,
     ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-        """(features (N_good, max_frames, num_mel_bins) float32, kept indices, bad (path, reason)).
+        """(features (N_good, *feature_shape) float32, kept indices, bad (path, reason)).
 
         Raises `BadAudioError` listing every bad file unless `skip_bad_audio`.
         """
         paths = [os.path.abspath(p) for p in paths]
+        config = as_frontend(config)
         key = self.key(paths, config)
         remove_stale_temporaries(self.dir)  # leftovers of builds killed earlier (never a live one's)
         manifest = self._verified_manifest(key)
         if manifest is None:
+            # Concurrent runs (sweep workers, Slurm jobs, DDP ranks) build an entry once: the
+            # first takes the lock, the others wait and then find the finished entry.
             try:
-                manifest = self._build(key, paths, config, progress)
-            except OSError as error:
+                with BuildLock(self.dir / f"{key}.lock", on_wait=_waiting(key)):
+                    manifest = self._verified_manifest(key) or self._build(key, paths, config, progress)
+            except TimeoutError:
+                raise
+            except OSError as error:  # a read-only or full cache folder
                 raise WriteError(
                     f"cannot write the feature cache in {str(self.dir)!r}: {error}; pass --cache-dir (or set "
                     f"${CACHE_ENV}) to a writable folder with enough free space"
@@ -131,7 +148,7 @@ class FeatureCache:
             raise BadAudioError(bad)
         bad_indices = {i for i, _ in manifest["bad"]}
         kept = [i for i in range(len(paths)) if i not in bad_indices]
-        shape = (len(kept), config.max_frames, config.num_mel_bins)
+        shape = (len(kept), *config.feature_shape)
         if not kept:  # numpy cannot memory-map an empty file
             return np.zeros(shape, dtype=np.float32), kept, bad
         return np.memmap(self.dir / f"{key}.f32", dtype=np.float32, mode="r", shape=shape), kept, bad
@@ -162,7 +179,7 @@ class FeatureCache:
         _VERIFIED.add((str(data), stat.st_size, stat.st_mtime_ns))
         return manifest
 
-    def _build(self, key: str, paths: list[str], config: FbankConfig, progress: bool) -> dict:
+    def _build(self, key: str, paths: list[str], config: Frontend, progress: bool) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
         # An old manifest must not vouch for a data file that is about to be replaced.
         (self.dir / f"{key}.json").unlink(missing_ok=True)
@@ -175,7 +192,7 @@ class FeatureCache:
             "source": os.path.commonpath(paths) if paths else "",
             "num_clips": len(paths),
             "bad": bad,
-            "frontend": config.to_dict(),
+            "frontend": config.settings,
             "size_bytes": (self.dir / f"{key}.f32").stat().st_size,
             "checksum": file_checksum(self.dir / f"{key}.f32"),
         }
@@ -184,27 +201,33 @@ class FeatureCache:
         return manifest
 
 
+def _waiting(key: str):
+    def report(owner: dict) -> None:
+        print(f"feature cache entry {key[:16]} is being built by {owner.get('host')}:{owner.get('pid')}; waiting")
+
+    return report
+
+
 @torch.no_grad()
-def _compute(paths: list[str], config: FbankConfig, out, progress: bool) -> list[tuple[int, str]]:
+def _compute(paths: list[str], frontend: Frontend, out, progress: bool) -> list[tuple[int, str]]:
     """Write the features of every decodable file to `out`, in order; return the bad ones."""
-    fbank = Fbank(config)
     bad: list[tuple[int, str]] = []
     pending: list[torch.Tensor] = []
 
     def flush() -> None:
         lengths = torch.tensor([len(w) for w in pending])
         waves = torch.nn.utils.rnn.pad_sequence(pending, batch_first=True)
-        out.write(fbank(waves, lengths=lengths).numpy().astype(np.float32, copy=False).tobytes())
+        out.write(frontend(waves, lengths=lengths).cpu().numpy().astype(np.float32, copy=False).tobytes())
         pending.clear()
 
     # Decoding stays in this loop (no worker processes): on 2 cores they would only compete.
     for i, path in enumerate(tqdm(paths, desc="computing features", unit="clip", disable=not progress)):
         try:
-            wave = load_audio(path, sample_rate=config.sample_rate)
+            wave = load_audio(path, sample_rate=frontend.sample_rate)
         except AudioError as error:
             bad.append((i, error.reason))
             continue
-        pending.append(torch.from_numpy(wave[: config.max_samples]))  # later samples never reach a frame
+        pending.append(torch.from_numpy(wave[: frontend.max_samples]))  # later samples never reach a frame
         if len(pending) == BATCH:
             flush()
     if pending:
@@ -284,7 +307,7 @@ class IndexedFeatures:
 
 def index_features(
     index: DatasetIndex,
-    config: FbankConfig,
+    config: Frontend | FbankConfig,
     cache_dir: str | os.PathLike | None = None,
     skip_bad_audio: bool = False,
     progress: bool = True,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data import get_dataset, index_features
-from ..frontend import AudioError, Fbank, FbankConfig, load_audio
+from ..frontend import AudioError, Frontend, frontend_from_settings, load_audio
 from ..petl import PETLModel, load_adapter
 from ..train.loop import Batches, LoopSettings, autocast, evaluate
 from ..train.precision import DTYPES, resolve_device
@@ -81,8 +81,7 @@ def predict_files(
     files = audio_files(inputs)
     model = load_for_inference(adapter, backbone, device)
     device_ = next(model.parameters()).device
-    frontend = FbankConfig.from_dict(model.metadata["frontend"])
-    fbank = Fbank(frontend).to(device_)
+    frontend = frontend_from_settings(model.metadata["frontend"], model.backbone).to(device_)
     settings = LoopSettings(epochs=1, batch_size=batch_size, lr=1.0, device=device_, dtype=recorded_dtype(model))
     k = min(top_k, len(model.class_names))
     results: dict[int, dict] = {}
@@ -97,7 +96,7 @@ def predict_files(
                 results[i] = {"path": str(files[i]), "error": error.reason}
         if not chunk:
             continue
-        features = waveform_features(fbank, waves)  # fp32, as the training cache computed them
+        features = waveform_features(frontend, waves).to(device_)  # fp32, as the training cache computed them
         with autocast(settings):
             probabilities = model(features).float().softmax(-1).cpu()
         for i, row in zip(chunk, probabilities):
@@ -105,12 +104,15 @@ def predict_files(
     return [results[i] for i in range(len(files))]
 
 
-def waveform_features(fbank: Fbank, waves: list[torch.Tensor]) -> torch.Tensor:
-    """Model input for 1-D waveforms of any lengths, each as it would be alone (on ``fbank``'s device)."""
-    device = fbank.window.device
-    lengths = torch.tensor([len(w) for w in waves], device=device)
-    padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
-    return fbank(padded, lengths=lengths)
+def waveform_features(frontend: Frontend, waves: list[torch.Tensor]) -> torch.Tensor:
+    """Model input for 1-D waveforms of any lengths, each as it would be alone.
+
+    Padded on the CPU; each frontend computes on its own device (``Fbank``: its buffers';
+    the speech encoders' waveform frontend: its feature encoder's, returning CPU rows).
+    """
+    lengths = torch.tensor([len(w) for w in waves])
+    padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    return frontend(padded, lengths=lengths)
 
 
 def prediction_record(path: str | None, probabilities: torch.Tensor, class_names: list[str], k: int) -> dict:
@@ -169,7 +171,7 @@ def evaluate_adapter(
             f"adapter classes {model.class_names[:5]}... do not match dataset classes {index.class_names[:5]}..."
         )
     # The whole dataset's features: the cache entry the training run built, so nothing is decoded again.
-    data = index_features(index, FbankConfig.from_dict(metadata["frontend"]), cache_dir, skip_bad_audio)
+    data = index_features(index, frontend_from_settings(metadata["frontend"], model.backbone), cache_dir, skip_bad_audio)
     for path, reason in data.bad:
         print(f"audiopetl eval: skipped {path}: {reason}", file=sys.stderr)
     test_rows = data.rows(splits[split].test)

@@ -72,6 +72,16 @@ def results_table(sweep: dict, runs: list[dict]) -> tuple[list[str], list[list[s
     return header, rows
 
 
+def _progress_line(sweep: dict, finished: int) -> list[str]:
+    """How complete the sweep is, from sweep.json's counts (written by `reproduce`)."""
+    progress = sweep.get("progress")
+    total = len(sweep["runs"])
+    if finished == total and not (progress or {}).get("failed"):
+        return []
+    failed = f", {progress['failed']} failed" if progress and progress.get("failed") else ""
+    return [f"Partial sweep: {finished} of {total} runs finished{failed} (`audiopetl reproduce ... --status`)."]
+
+
 def write_report(runs_dir: str | Path, out: str | Path, tsne: bool = False) -> Path:
     sweep, runs = collect(runs_dir)
     if not runs:
@@ -84,6 +94,7 @@ def write_report(runs_dir: str | Path, out: str | Path, tsne: bool = False) -> P
         "",
         "Test accuracy (%) of our runs; the paper's published figure in parentheses where it gives one.",
         "Parameters: trainable, counted as the paper does (head and final LayerNorm excluded except for Linear).",
+        *_progress_line(sweep, len(runs)),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -158,7 +169,7 @@ def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
     from sklearn.manifold import TSNE
 
     from ..data import get_dataset, index_features
-    from ..frontend import FbankConfig
+    from ..frontend import frontend_from_settings
     from .inference import load_for_inference
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -167,7 +178,8 @@ def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
     source = get_dataset(config["dataset"])
     index = source.scan(config["data_root"])
     split = {s.name: s for s in source.splits(index, protocol=config["protocol"])}[model.metadata["split"]]
-    data = index_features(index, FbankConfig.from_dict(model.metadata["frontend"]), config["cache_dir"], progress=False)
+    frontend = frontend_from_settings(model.metadata["frontend"], model.backbone)
+    data = index_features(index, frontend, config["cache_dir"], progress=False)
     rows = data.rows([i for i in split.test if index.clips[i].label < max_classes])
     with torch.no_grad():
         cls = np.concatenate(

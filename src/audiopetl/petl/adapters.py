@@ -12,6 +12,12 @@ and the block adds ``x + y``. Eq. 7 writes the parallel adapter's input as the
 un-normalised X^; like the reference code we feed it LN(X^), the sub-layer's own input.
 Sequential-after with residual equals parallel-after without, hence Table III's
 "Seq/Par-After" rows.
+
+Post-LN blocks (the base wav2vec 2.0 / HuBERT / WavLM models, whose sub-layers compute
+``LN(x + f(x))``; :class:`~audiopetl.backbone.wav2vec2.PostNormTaps`) use the same taps with
+``n = x``, the sub-layer input (the previous LayerNorm's output), and return ``LN(x + y)``:
+every placement's ``y`` above joins the residual sum before the sub-layer's LayerNorm, and
+the LayerNorm trained with an adapter is that one.
 """
 
 from __future__ import annotations

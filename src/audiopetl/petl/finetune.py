@@ -17,7 +17,9 @@ from ..backbone.ast import AST
 from .config import BitFitConfig, FullFinetuneConfig, LinearProbeConfig
 
 def full_parameters(backbone: AST, config: FullFinetuneConfig) -> list[nn.Parameter]:
-    return list(backbone.parameters())
+    """Every backbone weight but the frontend's (a speech encoder's cached feature encoder)."""
+    frozen = {id(p) for p in backbone.frontend_parameters()}
+    return [p for p in backbone.parameters() if id(p) not in frozen]
 
 
 def linear_parameters(backbone: AST, config: LinearProbeConfig) -> list[nn.Parameter]:
@@ -25,12 +27,14 @@ def linear_parameters(backbone: AST, config: LinearProbeConfig) -> list[nn.Param
 
 
 def bitfit_parameters(backbone: AST, config: BitFitConfig) -> list[nn.Parameter]:
-    """Biases of every Linear and LayerNorm in the blocks, and of the patch-embedding conv.
+    """Biases of every Linear and LayerNorm in the blocks, and of the input embedding
+    (``backbone.embedding_biases()``: AST's patch-embedding conv; the speech encoders'
+    feature projection, positional convolution and, post-LN, the LayerNorm after it).
 
     The final LayerNorm's bias is left out here: it is trained with every method, and the
     paper's 102K excludes it.
     """
-    biases = [backbone.patch_embed.proj.bias]
+    biases = list(backbone.embedding_biases())
     for module in backbone.blocks.modules():
         if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
             biases.append(module.bias)
@@ -38,22 +42,25 @@ def bitfit_parameters(backbone: AST, config: BitFitConfig) -> list[nn.Parameter]
 
 
 def extra_parameters(backbone: AST, names: Iterable[str]) -> list[nn.Parameter]:
-    """Parameters named by ``extra_trainable``: ``pos_embed``, ``final_norm``, ``block.N``.
+    """Parameters named by ``extra_trainable``: ``final_norm``, ``block.N``, and the backbone's
+    own groups (``backbone.trainable_groups()``: AST ``pos_embed``; speech encoders
+    ``pos_conv``, ``feature_projection``).
 
     ``final_norm`` is accepted for explicitness; it is trained with every method anyway.
     """
     selected: list[nn.Parameter] = []
+    groups = backbone.trainable_groups()
     for name in names:
         match = re.fullmatch(r"block\.(\d+)", name)
-        if name == "pos_embed":
-            selected.append(backbone.pos_embed)
+        if name in groups:
+            selected.extend(groups[name])
         elif name == "final_norm":
             selected.extend(backbone.norm.parameters())
         elif match and int(match[1]) < len(backbone.blocks):
             selected.extend(backbone.blocks[int(match[1])].parameters())
         else:
             raise ValueError(
-                f"unknown extra_trainable {name!r}; valid: 'pos_embed', 'final_norm', "
+                f"unknown extra_trainable {name!r}; valid: {', '.join(map(repr, groups))}, 'final_norm', "
                 f"'block.N' with N in 0..{len(backbone.blocks) - 1}"
             )
     return selected

@@ -1,14 +1,16 @@
 """Prompt tuning (shallow SPT, deep DPT) and prefix tuning.
 
-Prompts are tokens placed at positions ``[NUM_SPECIAL_TOKENS, NUM_SPECIAL_TOKENS + p)``,
-right after [CLS] and the distillation token, through ``Block.insert_tokens``. SPT inserts
+Prompts are tokens placed at positions ``[s, s + p)`` with ``s = backbone.prompt_start``
+(AST: right after [CLS] and the distillation token; speech encoders: first, right after
+the positional convolution), through ``Block.insert_tokens``. SPT inserts
 ``p`` prompts before the first layer; DPT inserts before the first layer and, before each
 later layer, overwrites those positions with that layer's own fresh prompts (VPT-deep).
 Prefix tuning gives every layer's attention ``p / 2`` extra keys and ``p / 2`` extra values
 through ``Attention.prefix``.
 
-All are initialised uniform(-v, v), v = sqrt(6 / (patch_size**2 + hidden)), VPT's xavier-style
-bound with one input channel (spectrograms, not RGB).
+All are initialised uniform(-v, v), v = sqrt(6 / (fan_in + hidden)), VPT's xavier-style
+bound with ``fan_in = backbone.input_fan_in`` (AST: patch_size**2, one input channel;
+speech encoders: the feature encoder's width).
 """
 
 from __future__ import annotations
@@ -18,30 +20,31 @@ import math
 import torch
 from torch import nn
 
-from ..backbone.ast import AST, NUM_SPECIAL_TOKENS, ASTConfig
+from ..backbone.ast import AST, NUM_SPECIAL_TOKENS
 from .config import PrefixConfig, PromptConfig
 
 
-def _init_bound(config: ASTConfig) -> float:
-    return math.sqrt(6.0 / (config.patch_size**2 + config.hidden_size))
+def _init_bound(backbone: AST) -> float:
+    return math.sqrt(6.0 / (backbone.input_fan_in + backbone.config.hidden_size))
 
 
 class PromptTokens(nn.Module):
     """Inserts (``replace=False``) or overwrites (``replace=True``) the prompt positions."""
 
-    def __init__(self, num_prompts: int, dim: int, bound: float, replace: bool) -> None:
+    def __init__(self, num_prompts: int, dim: int, bound: float, replace: bool, start: int = NUM_SPECIAL_TOKENS) -> None:
         super().__init__()
         self.prompts = nn.Parameter(torch.empty(1, num_prompts, dim).uniform_(-bound, bound))
         self.replace = replace
+        self.start = start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prompts = self.prompts.expand(len(x), -1, -1).to(x.dtype)
-        start = NUM_SPECIAL_TOKENS
+        start = self.start
         rest = x[:, start + prompts.shape[1] :] if self.replace else x[:, start:]
         return torch.cat([x[:, :start], prompts, rest], dim=1)
 
     def extra_repr(self) -> str:
-        return f"num_prompts={self.prompts.shape[1]}, replace={self.replace}"
+        return f"num_prompts={self.prompts.shape[1]}, replace={self.replace}, start={self.start}"
 
 
 class PrefixKV(nn.Module):
@@ -58,20 +61,20 @@ class PrefixKV(nn.Module):
 
 def inject_prompts(backbone: AST, config: PromptConfig) -> list[nn.Module]:
     """Prompt modules on the first block (SPT) or on every block (DPT); returns them."""
-    dim, bound = backbone.config.hidden_size, _init_bound(backbone.config)
+    dim, bound = backbone.config.hidden_size, _init_bound(backbone)
     blocks = backbone.blocks if config.deep else backbone.blocks[:1]
     added = []
     for index, block in enumerate(blocks):
         if block.insert_tokens is not None:
             raise ValueError(f"block {index} already holds prompt tokens; a model takes one prompt method")
-        block.insert_tokens = PromptTokens(config.num_prompts, dim, bound, replace=index > 0)
+        block.insert_tokens = PromptTokens(config.num_prompts, dim, bound, replace=index > 0, start=backbone.prompt_start)
         added.append(block.insert_tokens)
     return added
 
 
 def inject_prefix(backbone: AST, config: PrefixConfig) -> list[nn.Module]:
     """A :class:`PrefixKV` in every block's attention; returns them."""
-    dim, bound = backbone.config.hidden_size, _init_bound(backbone.config)
+    dim, bound = backbone.config.hidden_size, _init_bound(backbone)
     added = []
     for index, block in enumerate(backbone.blocks):
         if block.attn.prefix is not None:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_path, remove_stale_temporaries
 from ..integrity import non_finite
 from ..petl.model import PETLModel
+from . import distributed
 from .checkpoint import copy_state, load_checkpoint, save_checkpoint, write_json
 
 CHECKPOINT = "checkpoint.pt"
@@ -86,20 +87,26 @@ def autocast(settings: LoopSettings):
 
 @torch.no_grad()
 def evaluate(forward: Callable, batches: Batches, settings: LoopSettings) -> dict:
-    """Accuracy and mean loss of ``forward`` on ``batches``; also returns the predictions."""
+    """Accuracy and mean loss of ``forward`` on ``batches``; also returns the predictions.
+
+    Under data parallelism each rank scores its contiguous share; the results are gathered.
+    """
     predictions, losses = [], []
-    for inputs, labels in batches.iterate(settings.batch_size):
+    shard = Batches(batches.inputs, batches.labels, batches.indices[distributed.share(len(batches))])
+    for inputs, labels in shard.iterate(settings.batch_size):
         with autocast(settings):
             logits = forward(inputs.to(settings.device)).float()
         labels = labels.to(settings.device)
         losses.append(F.cross_entropy(logits, labels, reduction="sum").item())
         predictions.append(logits.argmax(-1).cpu())
     predicted = torch.cat(predictions).numpy() if predictions else np.zeros(0, dtype=np.int64)
+    predicted = np.concatenate(distributed.gather(predicted))
+    (loss_sum,) = distributed.all_sum(sum(losses))
     truth = batches.labels[batches.indices]
     count = max(1, len(truth))
     return {
         "accuracy": float((predicted == truth).mean()) if len(truth) else float("nan"),
-        "loss": sum(losses) / count,
+        "loss": loss_sum / count,
         "predictions": predicted,
     }
 
@@ -124,6 +131,8 @@ def fit(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     forward = model if forward is None else forward
+    ranks = distributed.current()
+    train_forward = distributed.wrap(forward, settings.device)  # DDP when several ranks; ``forward`` evaluates
     params = [p for p in model.parameters() if p.requires_grad]
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if isinstance(model, PETLModel):
@@ -140,7 +149,8 @@ def fit(
     start_epoch = 1
 
     checkpoint_path = run_dir / CHECKPOINT
-    remove_stale_temporaries(run_dir)  # leftovers of a run killed while writing
+    if ranks.is_main:
+        remove_stale_temporaries(run_dir)  # leftovers of a run killed while writing
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         with torch.no_grad():
@@ -151,9 +161,10 @@ def fit(
         generator.set_state(state["generator"])
         best = state["best"]
         start_epoch = state["epoch"] + 1
-    trim_log(run_dir / LOG, last_epoch=start_epoch - 1)
+    if ranks.is_main:
+        trim_log(run_dir / LOG, last_epoch=start_epoch - 1)
 
-    writer = _tensorboard(run_dir) if settings.tensorboard else None
+    writer = _tensorboard(run_dir) if settings.tensorboard and ranks.is_main else None
     for epoch in range(start_epoch, settings.epochs + 1):
         model.train()
         started = time.perf_counter()
@@ -163,28 +174,33 @@ def fit(
             train.iterate(settings.batch_size, generator),
             total=steps,
             desc=f"{run_dir.name} epoch {epoch}/{settings.epochs}",
-            disable=not settings.progress,
+            disable=not (settings.progress and ranks.is_main),
             leave=False,
         )
         optimizer.zero_grad(set_to_none=True)
         for step, (inputs, labels) in enumerate(bar, start=1):
             inputs, labels = inputs.to(settings.device), labels.to(settings.device)
             if augment is not None:
-                inputs = augment(inputs, generator)
+                inputs = augment(inputs, generator)  # on the whole global batch: same masks on every rank
+            count = len(labels)
+            inputs, labels = distributed.local_part(inputs, labels)
             with autocast(settings):
-                logits = forward(inputs).float()
-            loss = F.cross_entropy(logits, labels)
-            _check_finite(loss, run_dir, epoch, step)
-            (loss / settings.grad_accum).backward()
+                logits = train_forward(inputs).float()
+            # Sum over this rank's clips / global count * ranks: DDP's mean over ranks then gives
+            # the global-batch mean, whatever share each rank had.
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+            _check_finite(loss_sum / max(1, len(labels)), run_dir, epoch, step)
+            (loss_sum / count * ranks.world_size / settings.grad_accum).backward()
             if step % settings.grad_accum == 0 or step == steps:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            total_loss += loss.item() * len(labels)
+            total_loss += loss_sum.item()
             correct += int((logits.argmax(-1) == labels).sum())
             seen += len(labels)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", clips_per_s=f"{seen / (time.perf_counter() - started):.1f}")
         elapsed = time.perf_counter() - started
+        total_loss, correct, seen = distributed.all_sum(total_loss, correct, seen)
 
         _check_weights(named, run_dir, epoch)
         model.eval()
@@ -201,6 +217,8 @@ def fit(
             "clips_per_s": seen / elapsed if elapsed > 0 else float("nan"),
             "seconds": elapsed,
         }
+        if not ranks.is_main:
+            continue
         with open(run_dir / LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if writer is not None:
@@ -240,7 +258,8 @@ def fit(
         "num_valid": len(valid),
         "num_test": len(test),
     }
-    write_json(run_dir / "metrics.json", metrics)
+    if ranks.is_main:
+        write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -249,12 +268,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _check_finite(loss: torch.Tensor, run_dir: Path, epoch: int, step: int) -> None:
-    """Stop at the first non-finite loss, before it reaches the weights or a checkpoint."""
-    if bool(torch.isfinite(loss)):
+    """Stop at the first non-finite loss, before it reaches the weights or a checkpoint
+    (on every rank at once: a rank that stopped alone would leave the others waiting)."""
+    finite = bool(torch.isfinite(loss))
+    if distributed.current().world_size > 1:
+        finite = distributed.all_sum(float(not finite))[0] == 0
+    if finite:
         return
     kept = f"the checkpoint of epoch {epoch - 1} is kept in {run_dir}" if epoch > 1 else "no checkpoint was written"
     raise NonFiniteLossError(
-        f"{run_dir.name}: the training loss is {loss.item()} at epoch {epoch}, step {step}; training stopped "
+        f"{run_dir.name}: the training loss became NaN or infinite at epoch {epoch}, step {step}; training stopped "
         f"({kept}). Lower the learning rate (--lr) and train again"
     )
 

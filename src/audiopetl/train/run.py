@@ -1,5 +1,9 @@
 """One training run from a :class:`TrainConfig`: data -> features -> model -> fit, per split.
 
+The backbone comes first: its frontend (filterbanks for AST, the frozen convolutional
+feature encoder for the speech encoders) makes the cached features, so no epoch after
+the first recomputes them.
+
 The run directory holds ``config.yaml`` (the resolved configuration, precision included,
 which ``resume`` reads back and refuses to change), one sub-directory
 per split with its log, checkpoint, metrics and best adapter file, ``bad_audio.txt``
@@ -21,8 +25,8 @@ import yaml
 from ..atomic import atomic_path, remove_stale_temporaries
 from ..backbone import load_backbone
 from ..data import SpecAugment, few_shot_subset, get_dataset, index_features, write_bad_audio_report
-from ..frontend import FbankConfig
 from ..petl import PETLModel, build_model, learning_rate_family, resolve_methods
+from . import distributed
 from .checkpoint import write_json
 from .config import LEARNING_RATES, TrainConfig
 from .embeddings import LinearProbeForward, pooled_embeddings
@@ -54,16 +58,30 @@ def is_finished(run_dir: str | Path) -> bool:
 
 
 def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train ``config`` on every selected split; returns (and writes) the run's metrics."""
+    """Train ``config`` on every selected split; returns (and writes) the run's metrics.
+
+    Started as one of several ranks (torchrun, ``--nproc``) it trains data-parallel
+    (:mod:`.distributed`); only rank 0 writes files.
+    """
     config = resolve(config)
-    run_dir = Path(run_dir)
-    device = resolve_device(config.device)
+    ranks, device, created_group = distributed.setup(resolve_device(config.device))
+    try:
+        summary = _run_training(config, Path(run_dir), resume, ranks, device)
+    except BaseException:
+        distributed.teardown(created_group, wait=False)
+        raise
+    distributed.teardown(created_group)
+    return summary
+
+
+def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, device: torch.device) -> dict:
     if resume and (run_dir / CONFIG).exists():  # else nothing was started: a sweep resumes every run
         config = check_resume(config, run_dir)
     config = dataclasses.replace(config, precision=resolve_precision_name(config.precision, device))
-    with atomic_path(run_dir / CONFIG) as temp:
-        temp.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
-    remove_stale_temporaries(run_dir)
+    if ranks.is_main:
+        with atomic_path(run_dir / CONFIG) as temp:
+            temp.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+        remove_stale_temporaries(run_dir)
 
     methods = resolve_methods(config.method)
     settings = LoopSettings(
@@ -95,9 +113,11 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
     backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
     check_model(backbone, methods, len(index.class_names), config)
 
-    fbank = FbankConfig(max_frames=config.max_frames)
-    data = index_features(index, fbank, config.cache_dir, config.skip_bad_audio, config.progress)
-    if data.bad:
+    frontend = backbone.frontend(config.max_frames)
+    if not frontend.spectrogram:
+        frontend.to(device)  # a convolutional feature encoder is worth the accelerator; filterbanks stay on the CPU
+    data = index_features(index, frontend, config.cache_dir, config.skip_bad_audio, config.progress)
+    if data.bad and ranks.is_main:
         report = write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
         warn(f"skipped {len(data.bad)} unusable audio file(s); the list with reasons is in {report}")
     features, labels = data.features, data.labels
@@ -112,7 +132,8 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         train_idx = data.rows(split.train)
         if config.few_shot:
             train_idx = few_shot_subset(labels, train_idx, config.few_shot, seed=config.few_shot_seed)
-        warn_untrained_classes(split.name, index.class_names, labels, train_idx, data.rows(split.test))
+        if ranks.is_main:
+            warn_untrained_classes(split.name, index.class_names, labels, train_idx, data.rows(split.test))
         torch.manual_seed(config.seed)
         model = build_model(
             copy.deepcopy(backbone),
@@ -124,7 +145,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             metadata={
                 "backbone": config.backbone,
                 "pos_embed": config.pos_embed,
-                "frontend": fbank.to_dict(),
+                "frontend": frontend.settings,
                 "dataset": config.dataset,
                 "split": split.name,
                 "precision": config.precision,
@@ -140,7 +161,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         else:
             if config.compile:
                 forward = torch.compile(model)
-            if config.specaugment:
+            if config.specaugment and frontend.spectrogram:  # not for waveform frontends' encoder features
                 augment = SpecAugment()
         metrics = fit(
             model,
@@ -153,7 +174,8 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             augment=augment,
             resume=resume,
         )
-        model.save_adapter(split_dir / ADAPTER, dtype=config.adapter_dtype)
+        if ranks.is_main:
+            model.save_adapter(split_dir / ADAPTER, dtype=config.adapter_dtype)
         metrics.update(split=split.name, **_parameter_counts(model))
         results.append(metrics)
 
@@ -168,7 +190,8 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         "paper_parameters": results[0]["paper_parameters"],
         "num_bad_audio": len(data.bad),
     }
-    write_json(run_dir / METRICS, summary)
+    if ranks.is_main:
+        write_json(run_dir / METRICS, summary)
     return summary
 
 
@@ -209,11 +232,9 @@ def check_resume(config: TrainConfig, run_dir: str | Path) -> TrainConfig:
 def check_model(backbone, methods, num_classes: int, config: TrainConfig) -> None:
     """Build the model on the meta device (no memory, no time) so a method that does not fit
     the backbone, an unknown extra-trainable name or pooling fails now, not after decoding."""
-    from ..backbone import AST
-
     with torch.device("meta"):
         build_model(
-            AST(backbone.config), methods, num_classes=num_classes, pooling=config.pooling,
+            type(backbone)(backbone.config), methods, num_classes=num_classes, pooling=config.pooling,
             extra_trainable=config.extra_trainable,
         )
 
