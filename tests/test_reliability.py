@@ -220,6 +220,18 @@ def test_a_diverging_run_exits_non_zero_without_an_adapter(dataset, tmp_path, ca
     assert not list(run_dir.glob("*/" + ADAPTER)) and not (run_dir / "metrics.json").exists()
 
 
+def test_a_diverging_two_rank_run_stops_on_every_rank(dataset, tmp_path):
+    """The stop is collective: a rank stopping alone would leave the other waiting forever."""
+    argv = train_argv(dataset, tmp_path, tmp_path / "run", "--lr", "1e30", "--nproc", "2")
+    del argv[argv.index("--reduction-rate") : argv.index("--reduction-rate") + 2]
+    argv[argv.index("lora")] = "full"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "audiopetl", *argv], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode != 0 and "training stopped" in result.stderr
+    assert not list((tmp_path / "run").glob("*/" + ADAPTER))
+
+
 # ------------------------------------------------------------------ 7: corruption
 def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "checkpoint.pt"
