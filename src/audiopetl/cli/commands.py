@@ -199,7 +199,10 @@ def run_train(args: argparse.Namespace) -> dict:
 
         if distributed.requested():
             raise ValueError("--nproc: this process is already one of several ranks (torchrun); drop --nproc")
-        distributed.spawn(run_training, args.nproc, config, run_dir, args.resume)
+        try:
+            distributed.spawn(run_training, args.nproc, config, run_dir, args.resume)
+        except Exception as error:  # a rank's failure arrives with its whole traceback: keep the message line
+            raise RuntimeError(f"a training process failed: {str(error).strip().splitlines()[-1]}") from error
         summary = json.loads((run_dir / "metrics.json").read_text())
     else:
         summary = run_training(config, run_dir, resume=args.resume)
