@@ -168,7 +168,7 @@ def _compute(paths: list[str], config: FbankConfig, out, progress: bool) -> list
     # Decoding stays in this loop (no worker processes): on 2 cores they would only compete.
     for i, path in enumerate(tqdm(paths, desc="computing features", unit="clip", disable=not progress)):
         try:
-            wave = load_audio(path, sample_rate=config.sample_rate)
+            wave = load_audio(path, sample_rate=config.sample_rate, channels=config.channels)
         except AudioError as error:
             bad.append((i, error.reason))
             continue

@@ -70,7 +70,10 @@ def predict_files(
     results = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        waves = [torch.from_numpy(load_audio(path, sample_rate=frontend.sample_rate)) for path in chunk]
+        waves = [
+            torch.from_numpy(load_audio(path, sample_rate=frontend.sample_rate, channels=frontend.channels))
+            for path in chunk
+        ]
         lengths = torch.tensor([len(w) for w in waves])
         padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device_)
         probabilities = model(fbank(padded, lengths=lengths.to(device_))).float().softmax(-1).cpu()

@@ -17,6 +17,10 @@ ADAPTER_LAYOUTS = ("pfeiffer", "houlsby", "houlsby_mixed", "hydra")
 SUBLAYERS = ("mhsa", "ffn")
 INSERTIONS = ("parallel", "sequential")
 POSITIONS = ("before", "after")
+# "default": our initialisations (each module says which and why); "paper": what the published
+# runs effectively had (new nn.Linear weights trunc-normal std 0.02 with zero bias, prompts and
+# prefixes uniform with VPT's RGB bound). Each method module implements both.
+INITS = ("default", "paper")
 
 
 def _choice(owner: str, field: str, value, choices) -> None:
@@ -61,7 +65,7 @@ class LinearProbeConfig(_MethodConfig):
 
 @dataclass(frozen=True)
 class BitFitConfig(_MethodConfig):
-    """Train the biases of every Linear and LayerNorm of the encoder and the patch embedding."""
+    """Train the biases of every Linear and LayerNorm of the encoder, the final LayerNorm's included."""
 
     method: ClassVar[str] = "bitfit"
 
@@ -72,15 +76,21 @@ class PromptConfig(_MethodConfig):
 
     ``deep=False`` (SPT): inserted once, before the first layer. ``deep=True`` (DPT): every
     layer gets its own ``num_prompts`` fresh prompts, replacing the previous layer's.
+    ``distillation_token=False``: the first layer drops the distillation token, so the
+    sequence is [CLS, prompts, patches] as in the published code.
     """
 
     method: ClassVar[str] = "prompt"
     num_prompts: int = 25
     deep: bool = True
+    distillation_token: bool = True
+    init: str = "default"
 
     def __post_init__(self) -> None:
         _positive_int("PromptConfig", "num_prompts", self.num_prompts)
         _bool("PromptConfig", "deep", self.deep)
+        _bool("PromptConfig", "distillation_token", self.distillation_token)
+        _choice("PromptConfig", "init", self.init, INITS)
 
 
 @dataclass(frozen=True)
@@ -89,9 +99,11 @@ class PrefixConfig(_MethodConfig):
 
     method: ClassVar[str] = "prefix"
     num_tokens: int = 24
+    init: str = "default"
 
     def __post_init__(self) -> None:
         _positive_int("PrefixConfig", "num_tokens", self.num_tokens)
+        _choice("PrefixConfig", "init", self.init, INITS)
         if self.num_tokens % 2:
             raise ValueError(
                 f"PrefixConfig.num_tokens must be even (split equally between keys and values), got {self.num_tokens}"
@@ -109,8 +121,10 @@ class LoRAConfig(_MethodConfig):
     targets: tuple[str, ...] = ("q", "v")
     reduction_rate: int = 128
     alpha: float = 8.0
+    init: str = "default"
 
     def __post_init__(self) -> None:
+        _choice("LoRAConfig", "init", self.init, INITS)
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         object.__setattr__(self, "targets", targets)  # lists from JSON/YAML -> hashable tuple
         if not targets:
@@ -143,6 +157,9 @@ class AdapterConfig(_MethodConfig):
     ``residual``: ``None`` means on for sequential, off for parallel adapters (Table VII).
     ``train_norm``: also train the LayerNorm of each sub-layer holding an adapter (as the
     reference code, and so the paper's parameter counts, do).
+    ``convpass_conv=False``: Convpass as published, computing ``up(QuickGELU(QuickGELU(down(x))))``
+    (its convolution's output was discarded); the convolution's weights stay in the model,
+    untrained, so the parameter count is the paper's.
     """
 
     method: ClassVar[str] = "adapter"
@@ -154,6 +171,8 @@ class AdapterConfig(_MethodConfig):
     residual: bool | None = None
     reduction_rate: int = 64
     train_norm: bool = True
+    convpass_conv: bool = True
+    init: str = "default"
 
     def __post_init__(self) -> None:
         _choice("AdapterConfig", "module", self.module, ADAPTER_MODULES)
@@ -163,6 +182,10 @@ class AdapterConfig(_MethodConfig):
         _bool("AdapterConfig", "residual", self.residual, allow_none=True)
         _bool("AdapterConfig", "train_norm", self.train_norm)
         _positive_int("AdapterConfig", "reduction_rate", self.reduction_rate)
+        _bool("AdapterConfig", "convpass_conv", self.convpass_conv)
+        _choice("AdapterConfig", "init", self.init, INITS)
+        if not self.convpass_conv and self.module != "convpass":
+            raise ValueError(f"AdapterConfig.convpass_conv=False applies to module 'convpass' only, got {self.module!r}")
         if self.layout in ("pfeiffer", "hydra"):
             _choice("AdapterConfig", "location", self.location, (None, *SUBLAYERS))
         elif self.location is not None:

@@ -25,16 +25,18 @@ def linear_parameters(backbone: AST, config: LinearProbeConfig) -> list[nn.Param
 
 
 def bitfit_parameters(backbone: AST, config: BitFitConfig) -> list[nn.Parameter]:
-    """Biases of every Linear and LayerNorm in the blocks, and of the patch-embedding conv.
+    """Biases of every Linear and LayerNorm of the encoder, the final LayerNorm's included.
 
-    The final LayerNorm's bias is left out here: it is trained with every method, and the
-    paper's 102K excludes it.
+    The published code's set: at ViT-B, 12 layers x 8,448 biases (q, k, v, o: 4 x 768;
+    FFN: 3,072 + 768; two LayerNorms: 2 x 768) + the final LayerNorm's 768 = 102,144, the
+    paper's 102K. The patch-embedding conv is not a Linear and keeps its bias frozen; so
+    does the final LayerNorm its weight (see ``build_model``).
     """
-    biases = [backbone.patch_embed.proj.bias]
-    for module in backbone.blocks.modules():
-        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
-            biases.append(module.bias)
-    return biases
+    return [
+        module.bias
+        for module in (*backbone.blocks.modules(), backbone.norm)
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None
+    ]
 
 
 def extra_parameters(backbone: AST, names: Iterable[str]) -> list[nn.Parameter]:

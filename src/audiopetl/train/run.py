@@ -24,6 +24,7 @@ from .checkpoint import write_json
 from .config import LEARNING_RATES, TrainConfig
 from .embeddings import LinearProbeForward, pooled_embeddings
 from .loop import Batches, LoopSettings, fit
+from .setups import apply_setup
 from .precision import resolve_device, resolve_precision
 
 METRICS = "metrics.json"
@@ -35,7 +36,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     dataset = get_dataset(config.dataset)
     defaults = dataset.defaults
     methods = resolve_methods(config.method)
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         config,
         max_frames=config.max_frames or defaults.max_frames,
         epochs=config.epochs or defaults.epochs,
@@ -43,6 +44,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         specaugment=defaults.specaugment if config.specaugment is None else config.specaugment,
         lr=config.lr or LEARNING_RATES[learning_rate_family(methods)],
     )
+    return apply_setup(resolved)
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -82,8 +84,14 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         if unknown:
             raise ValueError(f"folds {unknown} do not exist for {config.dataset}; valid: {valid_folds}")
         splits = [splits[f - 1] for f in config.folds]
+    unvalidated = [split.name for split in splits if not split.valid]
+    if config.selection == "best" and unvalidated:
+        raise ValueError(
+            f"selection 'best' needs a validation split; {config.dataset} protocol {config.protocol!r} has none "
+            f"for {unvalidated}: use selection 'last'"
+        )
 
-    fbank = FbankConfig(max_frames=config.max_frames)
+    fbank = FbankConfig(max_frames=config.max_frames, channels=config.channels)
     data = index_features(index, fbank, config.cache_dir, config.skip_bad_audio, config.progress)
     if data.bad:
         write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
@@ -115,6 +123,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
                 "frontend": fbank.to_dict(),
                 "dataset": config.dataset,
                 "split": split.name,
+                "setup": config.setup,
             },
         ).to(device)
         if config.grad_checkpointing:
@@ -129,12 +138,14 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
                 forward = torch.compile(model)
             if config.specaugment:
                 augment = SpecAugment()
+        # No selection given: the best validation epoch where the split has validation clips, else the last.
+        selection = config.selection or ("best" if split.valid else "last")
         metrics = fit(
             model,
             Batches(inputs, labels, train_idx),
             Batches(inputs, labels, data.rows(split.valid)),
             Batches(inputs, labels, data.rows(split.test)),
-            settings,
+            dataclasses.replace(settings, selection=selection),
             split_dir,
             forward=forward,
             augment=augment,
@@ -147,6 +158,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
     accuracies = np.array([r["test_accuracy"] for r in results])
     summary = {
         "dataset": config.dataset,
+        "setup": config.setup,
         "method": [m.to_dict() for m in methods],
         "splits": results,
         "test_accuracy_mean": float(accuracies.mean()),
