@@ -73,6 +73,9 @@ _UNSET = argparse.SUPPRESS
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from ..backbone import POS_EMBED_MODES
     from ..petl.files import STORAGE_DTYPES
+    from ..frontend.audio import CHANNEL_POLICIES
+    from ..train.config import SETUPS
+    from ..train.loop import SELECTIONS
     from ..train.precision import PRECISIONS
 
     parser.add_argument("--config", type=Path, help="YAML file of training options; flags override it")
@@ -82,6 +85,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir")
     _add_method_arguments(parser)
     model = parser.add_argument_group("model")
+    parser.add_argument("--setup", choices=SETUPS, default=_UNSET,
+                        help="'default' (ours) or 'paper': reproduce the published code's setup (README: "
+                        "'Our default vs the paper's setup')")
     model.add_argument("--backbone", default=_UNSET,
                        help="hub id, local folder or 'tiny-random' (default: MIT/ast-finetuned-audioset-10-10-0.4593)")
     model.add_argument("--pos-embed", choices=POS_EMBED_MODES, default=_UNSET,
@@ -91,6 +97,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated extras: pos_embed, final_norm, block.N")
     data = parser.add_argument_group("data")
     data.add_argument("--protocol", default=_UNSET, help="split protocol (US8K: default or reference)")
+    data.add_argument("--channels", choices=CHANNEL_POLICIES, default=_UNSET,
+                      help="multi-channel files: 'mean' of the channels (default) or the 'first' one")
     data.add_argument("--folds", default=_UNSET, type=lambda s: tuple(int(f) for f in _comma_list(s)),
                       help="comma-separated 1-based splits to run (default: all)")
     data.add_argument("--few-shot", type=int, default=_UNSET, help="K training clips per class")
@@ -108,6 +116,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--weight-decay", type=float, default=_UNSET, help="default: 0.1")
     optim.add_argument("--grad-accum", type=int, default=_UNSET, help="default: 1")
     optim.add_argument("--seed", type=int, default=_UNSET, help="default: 0")
+    optim.add_argument("--selection", choices=SELECTIONS, default=_UNSET,
+                       help="weights to test: 'best' validation epoch or 'last' epoch "
+                       "(default: best where the split has a validation set, else last)")
     system = parser.add_argument_group("system")
     system.add_argument("--adapter-dtype", choices=list(STORAGE_DTYPES), default=_UNSET,
                         help="storage of the adapter file: fp32 (default, exact) or fp16/bf16 (half the size)")
@@ -298,6 +309,7 @@ def run_cache(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- reproduce / report / demo
 def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     from ..experiments.recipes import recipe_names
+    from ..train.config import SETUPS
 
     parser.add_argument("table", choices=recipe_names(), help="paper experiment to run")
     parser.add_argument("--data", action="append", default=[], metavar="DATASET=PATH",
@@ -307,6 +319,9 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a training option for every run (e.g. --set epochs=5)")
     parser.add_argument("--only", default=None, help="comma-separated datasets to run (default: all in the recipe)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    parser.add_argument("--setup", choices=SETUPS, default=None,
+                        help="'paper': the published code's setup; its runs go under RUNS_DIR/paper/ and "
+                        "`report` shows them beside the default runs (default: the recipe's, else default)")
 
 
 def run_reproduce(args: argparse.Namespace) -> None:
@@ -316,6 +331,8 @@ def run_reproduce(args: argparse.Namespace) -> None:
 
     roots = dict(_key_value(item, "--data") for item in args.data)
     overrides = {k: yaml.safe_load(v) for k, v in (_key_value(item, "--set") for item in args.set)}
+    if args.setup is not None:
+        overrides["setup"] = args.setup
     only = args.only.split(",") if args.only else None
     runs_dir = args.runs_dir or Path("runs") / args.table
     run_sweep(load_recipe(args.table), roots, runs_dir, overrides=overrides, only=only, dry_run=args.dry_run)

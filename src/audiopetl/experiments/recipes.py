@@ -1,14 +1,17 @@
 """Paper experiments as YAML recipes, expanded into resumable sweeps of training runs.
 
 A recipe (``recipes/NAME.yaml``) names its datasets, its rows (label -> method spec),
-optionally few-shot sizes per dataset or parameter budgets, and shared training options.
-:func:`expand` turns it into runs, each with its own directory under the sweep folder;
+optionally few-shot sizes per dataset or parameter budgets, shared training options, and
+optionally ``setup: paper``. :func:`expand` turns it into runs, each with its own directory
+under the sweep folder (``paper/...`` for the paper setup, so both setups of a table can
+share one folder and one report);
 :func:`run_sweep` trains them in order, skipping finished runs and resuming interrupted
 ones, so a sweep can be stopped and started again at any time.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +22,7 @@ import yaml
 from ..train import TrainConfig, is_finished, resolve, run_training
 from ..train.checkpoint import write_json
 
-RECIPE_KEYS = {"title", "datasets", "methods", "few_shot", "budgets", "base"}
+RECIPE_KEYS = {"title", "datasets", "methods", "few_shot", "budgets", "base", "setup"}
 SWEEP_FILE = "sweep.json"
 
 
@@ -65,7 +68,9 @@ def expand(recipe: dict, overrides: dict | None = None) -> list[Run]:
     from ..backbone import ASTConfig
     from ..petl import parameter_budget, resolve_methods
 
-    base = {**recipe.get("base", {}), **(overrides or {})}
+    setup_option = {"setup": recipe["setup"]} if "setup" in recipe else {}
+    base = {**recipe.get("base", {}), **setup_option, **(overrides or {})}
+    setup = base.get("setup", "default")
     runs = []
     for dataset in recipe["datasets"]:
         for row, method in recipe["methods"].items():
@@ -85,9 +90,23 @@ def expand(recipe: dict, overrides: dict | None = None) -> list[Run]:
                 labels = dict(point, **({"k": extra["few_shot"]} if "few_shot" in extra else {}))
                 if budget is not None:
                     labels["budget"] = budget
-                run_id = "/".join(filter(None, [dataset, slug(row), suffix]))
+                labels["setup"] = setup
+                prefix = "" if setup == "default" else setup
+                run_id = "/".join(filter(None, [prefix, dataset, slug(row), suffix]))
                 runs.append(Run(run_id, labels, options))
     return runs
+
+
+def _merge_runs(sweep_file: Path, recipe: dict, listed: list[dict]) -> list[dict]:
+    """``listed`` plus the runs an earlier sweep of the same recipe in this folder listed (e.g. the
+    other setup, or other datasets under ``--only``), so one report covers them all."""
+    if not sweep_file.exists():
+        return listed
+    earlier = json.loads(sweep_file.read_text())
+    if earlier.get("recipe") != recipe["name"]:
+        return listed
+    ids = {run["id"] for run in listed}
+    return [run for run in earlier["runs"] if run["id"] not in ids] + listed
 
 
 def run_sweep(
@@ -116,9 +135,10 @@ def run_sweep(
     configs = [resolve(TrainConfig.from_dict({**r.options, "data_root": roots.get(r.labels["dataset"], "")})) for r in runs]
     runs_dir = Path(runs_dir)
     if not dry_run:
+        listed = [{"id": r.run_id, **r.labels} for r in runs]
         write_json(
             runs_dir / SWEEP_FILE,
-            {"recipe": recipe["name"], "title": recipe["title"], "runs": [{"id": r.run_id, **r.labels} for r in runs]},
+            {"recipe": recipe["name"], "title": recipe["title"], "runs": _merge_runs(runs_dir / SWEEP_FILE, recipe, listed)},
         )
     summaries = []
     for number, (run, config) in enumerate(zip(runs, configs), start=1):
