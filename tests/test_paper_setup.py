@@ -394,3 +394,18 @@ def test_us8k_in_paper_mode_trains_on_nine_folds_and_reports_the_last_epoch(tmp_
     assert [m["frontend"]["channels"] for m in manifests] == ["first"]  # stereo clips: channel 0
     recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert recorded["embedding_cache"] is False and recorded["protocol"] == "reference"  # SpecAugment on the fly
+
+
+def test_cli_and_config_yaml_select_the_setup(tmp_path):
+    from audiopetl.cli.commands import config_from_args
+    from audiopetl.cli.main import build_parser
+
+    args = build_parser().parse_args(["train", "--dataset", "us8k", "--data-root", "x", "--setup", "paper",
+                                      "--method", "dpt"])
+    assert resolve(config_from_args(args)).protocol == "reference"
+    (tmp_path / "run.yaml").write_text("dataset: esc50\ndata_root: x\nsetup: paper\nmethod: convpass_pf_seq\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--channels", "first"])
+    config = resolve(config_from_args(args))
+    assert (config.setup, config.channels, config.method["convpass_conv"]) == ("paper", "first", False)
+    with pytest.raises(ValueError, match="pooling 'cls_dist' needs the distillation token"):
+        build_model(tiny_backbone(), paper_method(PromptConfig(num_prompts=2)), num_classes=3, pooling="cls_dist")

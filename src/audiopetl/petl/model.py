@@ -186,6 +186,8 @@ def build_model(
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"got {len(class_names)} class names for num_classes={num_classes}")
+    if pooling == "cls_dist" and any(isinstance(m, PromptConfig) and not m.distillation_token for m in methods):
+        raise ValueError("pooling 'cls_dist' needs the distillation token, which distillation_token=False prompts drop")
     _check_plain(backbone)
     metadata = dict(metadata or {})
     record = _backbone_record(backbone, metadata)
