@@ -135,11 +135,8 @@ def run_sweep(
     configs = [resolve(TrainConfig.from_dict({**r.options, "data_root": roots.get(r.labels["dataset"], "")})) for r in runs]
     runs_dir = Path(runs_dir)
     if not dry_run:
-        listed = [{"id": r.run_id, **r.labels} for r in runs]
-        write_json(
-            runs_dir / SWEEP_FILE,
-            {"recipe": recipe["name"], "title": recipe["title"], "runs": _merge_runs(runs_dir / SWEEP_FILE, recipe, listed)},
-        )
+        listed = _merge_runs(runs_dir / SWEEP_FILE, recipe, [{"id": r.run_id, **r.labels} for r in runs])
+        write_json(runs_dir / SWEEP_FILE, {"recipe": recipe["name"], "title": recipe["title"], "runs": listed})
     summaries = []
     for number, (run, config) in enumerate(zip(runs, configs), start=1):
         run_dir = runs_dir / run.run_id

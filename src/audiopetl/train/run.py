@@ -24,8 +24,8 @@ from .checkpoint import write_json
 from .config import LEARNING_RATES, TrainConfig
 from .embeddings import LinearProbeForward, pooled_embeddings
 from .loop import Batches, LoopSettings, fit
-from .setups import apply_setup
 from .precision import resolve_device, resolve_precision
+from .setups import apply_setup
 
 METRICS = "metrics.json"
 ADAPTER = "adapter.safetensors"
