@@ -42,7 +42,8 @@ def bitfit_parameters(backbone: AST, config: BitFitConfig) -> list[nn.Parameter]
 def extra_parameters(backbone: AST, names: Iterable[str]) -> list[nn.Parameter]:
     """Parameters named by ``extra_trainable``: ``pos_embed``, ``final_norm``, ``block.N``.
 
-    ``final_norm`` is accepted for explicitness; it is trained with every method anyway.
+    ``final_norm``: trained with every method anyway, except BitFit alone, which trains its
+    bias only (as published); naming it there trains its weight too.
     """
     selected: list[nn.Parameter] = []
     for name in names:
