@@ -396,9 +396,12 @@ def test_us8k_in_paper_mode_trains_on_nine_folds_and_reports_the_last_epoch(tmp_
     assert recorded["embedding_cache"] is False and recorded["protocol"] == "reference"  # SpecAugment on the fly
 
 
-def test_cli_and_config_yaml_select_the_setup(tmp_path):
+def test_cli_and_config_yaml_select_the_setup(tmp_path, capsys):
     from audiopetl.cli.commands import config_from_args
-    from audiopetl.cli.main import build_parser
+    from audiopetl.cli.main import build_parser, main
+
+    assert main(["reproduce", "table3", "--setup", "paper", "--dry-run", "--runs-dir", str(tmp_path / "r")]) == 0
+    assert "[2/24] paper/esc50/ffn-seq-before: would run" in capsys.readouterr().out
 
     args = build_parser().parse_args(["train", "--dataset", "us8k", "--data-root", "x", "--setup", "paper",
                                       "--method", "dpt"])
