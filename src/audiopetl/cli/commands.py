@@ -81,7 +81,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of training options; flags override it")
     parser.add_argument("--dataset", default=_UNSET, help="dataset name (see `audiopetl data list`)")
     parser.add_argument("--data-root", default=_UNSET, help="dataset folder (see `audiopetl data info NAME`)")
-    parser.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/DATASET-METHOD)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/DATASET-METHOD, with -paper in the paper setup)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir")
     _add_method_arguments(parser)
     model = parser.add_argument_group("model")
@@ -165,8 +165,10 @@ def config_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> dict:
     from ..train import resolve, run_training
 
-    config = resolve(config_from_args(args))
-    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(config.method)}"
+    given = config_from_args(args)
+    config = resolve(given)  # the paper setup rewrites method options, so name the run from what was given
+    setup = "" if config.setup == "default" else f"-{config.setup}"
+    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(given.method)}{setup}"
     if args.resume and not run_dir.exists():
         raise ValueError(f"--resume: run directory {run_dir} does not exist")
     summary = run_training(config, run_dir, resume=args.resume)
