@@ -81,7 +81,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of training options; flags override it")
     parser.add_argument("--dataset", default=_UNSET, help="dataset name (see `audiopetl data list`)")
     parser.add_argument("--data-root", default=_UNSET, help="dataset folder (see `audiopetl data info NAME`)")
-    parser.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/DATASET-METHOD, with -paper in the paper setup)")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="output folder (default: runs/DATASET-METHOD, with -paper in the paper setup)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir")
     _add_method_arguments(parser)
     model = parser.add_argument_group("model")
