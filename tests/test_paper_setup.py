@@ -275,6 +275,9 @@ def test_paper_hyper_parameters_are_pinned(dataset, lr_family, epochs, batch, fr
         assert (config.betas, config.eps, config.weight_decay) == ((0.9, 0.98), 1e-6, 0.1)
     assert resolve(TrainConfig(dataset=dataset, data_root="x", method="bitfit")).lr == 5e-3
     assert resolve(TrainConfig(dataset=dataset, data_root="x", method="prefix")).lr == 1e-2
+    from audiopetl.data import SpecAugment
+
+    assert (SpecAugment().freq_mask, SpecAugment().time_mask) == (24, 80)  # the ESC-50 / US8K readers' masks
 
 
 def test_cosine_schedule_is_per_step():
