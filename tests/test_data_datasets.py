@@ -132,7 +132,7 @@ def assert_partition(split, total: int) -> None:
 
 # ---------------------------------------------------------------------------- benchmarks
 def test_registry_names_and_paper_defaults():
-    assert list(DATASETS) == ["esc50", "us8k", "gsc", "fsc", "folder"]
+    assert list(DATASETS) == ["esc50", "us8k", "gsc", "fsc", "iemocap", "folder"]
     expected = {"esc50": (500, 32, 50, True, 50), "us8k": (400, 32, 30, True, 10),
                 "gsc": (100, 128, 75, False, 35), "fsc": (400, 32, 75, False, 31)}
     for name, values in expected.items():

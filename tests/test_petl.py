@@ -83,7 +83,9 @@ def test_presets_round_trip_through_dicts():
     for name in preset_names():
         config = preset(name)
         assert method_from_dict(config.to_dict()) == config, name
-        assert config.to_dict()["method"] in ("full", "linear", "bitfit", "prompt", "prefix", "lora", "adapter")
+        assert config.to_dict()["method"] in (
+            "full", "linear", "bitfit", "prompt", "prefix", "lora", "adapter", "dense_moa", "soft_moa"
+        )
 
 
 def test_recipe_style_dicts_and_preset_overrides():

@@ -16,11 +16,14 @@ METHOD_OPTIONS = {
     "targets": (lambda s: tuple(s.split(",")), "LoRA targets, comma-separated from q,k,v,o"),
     "num_prompts": (int, "prompt tuning: prompts (SPT: in total, DPT: per layer)"),
     "num_tokens": (int, "prefix tuning: tokens per layer, split between keys and values"),
-    "module": (str, "adapter module: bottleneck or convpass"),
+    "module": (str, "adapter module: bottleneck, convpass or conformer (mixtures: bottleneck or convpass)"),
     "layout": (str, "adapter layout: pfeiffer, houlsby, houlsby_mixed or hydra"),
     "location": (str, "Pfeiffer adapter location: mhsa or ffn"),
     "insertion": (str, "adapter insertion: parallel or sequential"),
     "position": (str, "adapter position: before or after the sub-layer"),
+    "kernel_size": (int, "Conformer adapter: depthwise convolution taps (default 31)"),
+    "num_adapters": (int, "dense_moa / soft_moa: experts per placement"),
+    "num_slots": (int, "soft_moa: slots per expert"),
 }
 
 

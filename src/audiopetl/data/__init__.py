@@ -1,5 +1,5 @@
 """Datasets and everything between audio files and training batches: the four paper
-benchmarks and your own data, their evaluation protocols, few-shot subsets, SpecAugment,
+benchmarks, IEMOCAP and your own data, their evaluation protocols, few-shot subsets, SpecAugment,
 the feature cache, bad-audio handling and dataset downloads."""
 
 from .augment import SpecAugment
@@ -22,6 +22,7 @@ from .fewshot import few_shot_subset
 from .folder import FolderDataset
 from .fsc import FluentSpeechCommands
 from .gsc import SpeechCommands
+from .iemocap import IEMOCAP
 from .protocols import given_split, rotation_splits, stratified_split
 from .registry import DATASETS, get_dataset
 from .us8k import UrbanSound8K
@@ -41,6 +42,7 @@ __all__ = [
     "FeatureDataset",
     "FluentSpeechCommands",
     "FolderDataset",
+    "IEMOCAP",
     "IndexedFeatures",
     "Source",
     "SpecAugment",

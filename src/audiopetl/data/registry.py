@@ -7,10 +7,11 @@ from .esc50 import ESC50
 from .folder import FolderDataset
 from .fsc import FluentSpeechCommands
 from .gsc import SpeechCommands
+from .iemocap import IEMOCAP
 from .us8k import UrbanSound8K
 
 DATASETS: dict[str, type[AudioDataset]] = {
-    cls.name: cls for cls in (ESC50, UrbanSound8K, SpeechCommands, FluentSpeechCommands, FolderDataset)
+    cls.name: cls for cls in (ESC50, UrbanSound8K, SpeechCommands, FluentSpeechCommands, IEMOCAP, FolderDataset)
 }
 
 

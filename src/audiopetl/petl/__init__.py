@@ -5,20 +5,23 @@
     model = load_adapter("esc50-lora.safetensors")
 """
 
-from .adapters import Bottleneck, Convpass, ParallelAdapter, SequentialAdapter
+from .adapters import Bottleneck, Conformer, Convpass, ParallelAdapter, SequentialAdapter
 from .budget import PAPER_ROWS, count_method_parameters, format_parameter_table, parameter_budget, parameter_table
 from .config import (
     AdapterConfig,
     BitFitConfig,
+    DenseMoAConfig,
     FullFinetuneConfig,
     LinearProbeConfig,
     LoRAConfig,
     MethodConfig,
     PrefixConfig,
     PromptConfig,
+    SoftMoAConfig,
 )
 from .files import AdapterFileError, load_adapter, read_adapter_metadata, save_adapter
 from .lora import LoRALinear
+from .moa import DenseMixture, SoftMixture
 from .model import PETLModel, build_model
 from .prompts import PrefixKV, PromptTokens
 from .registry import (
@@ -37,7 +40,10 @@ __all__ = [
     "AdapterFileError",
     "BitFitConfig",
     "Bottleneck",
+    "Conformer",
     "Convpass",
+    "DenseMixture",
+    "DenseMoAConfig",
     "FullFinetuneConfig",
     "LinearProbeConfig",
     "LoRAConfig",
@@ -52,6 +58,8 @@ __all__ = [
     "PromptConfig",
     "PromptTokens",
     "SequentialAdapter",
+    "SoftMixture",
+    "SoftMoAConfig",
     "build_model",
     "check_compatible",
     "count_method_parameters",

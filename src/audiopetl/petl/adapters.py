@@ -1,4 +1,4 @@
-"""Adapters: the Bottleneck and Convpass modules, and where they sit in a layer.
+"""Adapters: the Bottleneck, Convpass and Conformer modules, and where they sit in a layer.
 
 Placement uses the sub-layer taps of :class:`~audiopetl.backbone.ast.SublayerTaps`. With
 ``n = LN(x)`` the sub-layer's normalised input, ``f`` the sub-layer, ``A`` the adapter and
@@ -104,7 +104,39 @@ class Convpass(nn.Module):
         return f"use_conv={self.use_conv}"
 
 
-ADAPTER_MODULES = {"bottleneck": Bottleneck, "convpass": Convpass}
+class Conformer(nn.Module):
+    """The Conformer convolution module as an adapter (Gulati et al. 2020; the paper's code base).
+
+    LayerNorm, pointwise conv to ``2 * rank`` channels, GLU, depthwise conv over the token
+    axis (``kernel_size`` taps, "same" padding), BatchNorm, SiLU, pointwise conv back to
+    ``dim``, dropout. The convolutions run on the LayerNorm's output (one published variant
+    computes it and then convolves the raw input). ``pointwise2`` is zero-initialised so the
+    adapter starts as the identity of its placement. The BatchNorm uses batch statistics
+    while the model trains (``PETLModel.train`` switches injected modules only, the frozen
+    backbone stays in eval mode) and its running statistics at inference; they are saved
+    in adapter files with the trained tensors.
+    """
+
+    def __init__(self, dim: int, rank: int, kernel_size: int = 31, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.pointwise1 = nn.Conv1d(dim, 2 * rank, kernel_size=1)
+        self.glu = nn.GLU(dim=1)
+        self.depthwise = nn.Conv1d(rank, rank, kernel_size, padding="same", groups=rank)
+        self.batch_norm = nn.BatchNorm1d(rank)
+        self.act = nn.SiLU()
+        self.pointwise2 = nn.Conv1d(rank, dim, kernel_size=1)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.zeros_(self.pointwise2.weight)
+        nn.init.zeros_(self.pointwise2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x).transpose(1, 2)  # (batch, dim, tokens)
+        h = self.act(self.batch_norm(self.depthwise(self.glu(self.pointwise1(h)))))
+        return self.dropout(self.pointwise2(h)).transpose(1, 2)
+
+
+ADAPTER_MODULES = {"bottleneck": Bottleneck, "convpass": Convpass, "conformer": Conformer}
 
 
 class SequentialAdapter(nn.Module):
@@ -147,10 +179,7 @@ class ParallelAdapter(nn.Module):
 
 def make_adapter(config: AdapterConfig, dim: int, rank: int) -> nn.Module:
     """One adapter module of ``config``, initialised as ``config.init`` says."""
-    if config.module == "convpass":
-        adapter: nn.Module = Convpass(dim, rank, conv=config.convpass_conv)
-    else:
-        adapter = ADAPTER_MODULES[config.module](dim, rank)
+    adapter = ADAPTER_MODULES[config.module](dim, rank, **config.module_options())
     if config.init == "paper":
         paper_init_(adapter)
     return adapter

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..backbone.ast import AST, ASTConfig
-from .config import AdapterConfig, LoRAConfig, MethodConfig, PrefixConfig, PromptConfig
+from .config import AdapterConfig, DenseMoAConfig, LoRAConfig, MethodConfig, PrefixConfig, PromptConfig, SoftMoAConfig
 from .model import PETLModel, build_model
 from .registry import resolve_methods
 
@@ -71,6 +71,14 @@ PAPER_ROWS: list[tuple[str, str, Any, int | None, str]] = [
         for ins, pos in (("sequential", "after"), ("parallel", "before"))
         for res in (True, False)
     ],
+    # The paper's code base beyond the paper (no published counts): the Conformer adapter and
+    # the Soft-MoA follow-up's mixtures at its authors' defaults (7 bottleneck experts, RR 128).
+    ("code", "Conformer PF par (RR 64, k 31)", "conformer_pf_par", None, ""),
+    ("code", "Conformer HOU par (RR 64, k 31)", "conformer_hou_par", None, ""),
+    ("MoA", "Dense-MoA PF MHSA (N 7)", "dense_moa", None, ""),
+    ("MoA", "Soft-MoA PF MHSA (N 7, p 1)", "soft_moa", None, ""),
+    ("MoA", "Dense-MoA HOU (N 7)", {"method": "dense_moa", "layout": "houlsby"}, None, ""),
+    ("MoA", "Soft-MoA HOU (N 7, p 1)", {"method": "soft_moa", "layout": "houlsby"}, None, ""),
 ]
 
 
@@ -94,7 +102,7 @@ def _count(methods: tuple[MethodConfig, ...], backbone_config: ASTConfig, num_cl
 def _size_knob(config: MethodConfig, backbone_config: ASTConfig, target: int) -> tuple[list, Callable]:
     """Values of ``config``'s size knob, in increasing-parameter order, and value -> config."""
     dim = backbone_config.hidden_size
-    if isinstance(config, (LoRAConfig, AdapterConfig)):
+    if isinstance(config, (LoRAConfig, AdapterConfig, DenseMoAConfig, SoftMoAConfig)):
         # One reduction rate per reachable width d // RR, largest RR (smallest width) first.
         rates = sorted({dim // rank for rank in range(1, dim + 1)}, reverse=True)
         return rates, lambda rr: dataclasses.replace(config, reduction_rate=rr)
@@ -102,7 +110,7 @@ def _size_knob(config: MethodConfig, backbone_config: ASTConfig, target: int) ->
         return list(range(1, target // dim + 2)), lambda p: dataclasses.replace(config, num_prompts=p)
     if isinstance(config, PrefixConfig):  # >= 2 * dim parameters per key/value pair
         return list(range(2, 2 * (target // dim) + 3, 2)), lambda p: dataclasses.replace(config, num_tokens=p)
-    raise ValueError(f"method {config.method!r} has no size to choose; budgets apply to lora, adapter, prompt, prefix")
+    raise ValueError(f"method {config.method!r} has no size to choose; budgets apply to lora, adapter, dense_moa, soft_moa, prompt, prefix")
 
 
 def parameter_budget(method: MethodConfig | str | Mapping, target: int, backbone_config: ASTConfig) -> MethodConfig:

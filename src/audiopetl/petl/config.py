@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar, Union
 
 LORA_TARGETS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
-ADAPTER_MODULES = ("bottleneck", "convpass")
+ADAPTER_MODULES = ("bottleneck", "convpass", "conformer")
+MIXTURE_MODULES = ("bottleneck", "convpass")
+MIXTURE_LAYOUTS = ("pfeiffer", "houlsby")
 ADAPTER_LAYOUTS = ("pfeiffer", "houlsby", "houlsby_mixed", "hydra")
 SUBLAYERS = ("mhsa", "ffn")
 INSERTIONS = ("parallel", "sequential")
@@ -145,7 +147,7 @@ class LoRAConfig(_MethodConfig):
 
 @dataclass(frozen=True)
 class AdapterConfig(_MethodConfig):
-    """Bottleneck or Convpass adapters, bottleneck width ``hidden // reduction_rate``.
+    """Bottleneck, Convpass or Conformer adapters, bottleneck width ``hidden // reduction_rate``.
 
     ``layout``:
       * ``pfeiffer``: one adapter per layer in sub-layer ``location`` (default ``mhsa``, the
@@ -157,6 +159,8 @@ class AdapterConfig(_MethodConfig):
     ``residual``: ``None`` means on for sequential, off for parallel adapters (Table VII).
     ``train_norm``: also train the LayerNorm of each sub-layer holding an adapter (as the
     reference code, and so the paper's parameter counts, do).
+    ``kernel_size``: taps of the Conformer module's depthwise convolution (the reference
+    code's default, 31); only ``module="conformer"`` uses it.
     ``convpass_conv=False``: Convpass as published, computing ``up(QuickGELU(QuickGELU(down(x))))``
     (its convolution's output was discarded); the convolution's weights stay in the model,
     untrained, so the parameter count is the paper's.
@@ -171,11 +175,13 @@ class AdapterConfig(_MethodConfig):
     residual: bool | None = None
     reduction_rate: int = 64
     train_norm: bool = True
+    kernel_size: int = 31
     convpass_conv: bool = True
     init: str = "default"
 
     def __post_init__(self) -> None:
         _choice("AdapterConfig", "module", self.module, ADAPTER_MODULES)
+        _positive_int("AdapterConfig", "kernel_size", self.kernel_size)
         _choice("AdapterConfig", "layout", self.layout, ADAPTER_LAYOUTS)
         _choice("AdapterConfig", "insertion", self.insertion, INSERTIONS)
         _choice("AdapterConfig", "position", self.position, POSITIONS)
@@ -213,9 +219,101 @@ class AdapterConfig(_MethodConfig):
     def uses_residual(self, insertion: str) -> bool:
         return insertion == "sequential" if self.residual is None else self.residual
 
+    def module_options(self) -> dict:
+        """Constructor options of the adapter module beyond (hidden size, bottleneck width)."""
+        if self.module == "conformer":
+            return {"kernel_size": self.kernel_size}
+        if self.module == "convpass":
+            return {"conv": self.convpass_conv}
+        return {}
+
+
+@dataclass(frozen=True)
+class MixtureConfig(_MethodConfig):
+    """Fields shared by the mixtures of adapters (Cappellazzo et al., Interspeech 2024).
+
+    ``num_adapters`` experts (``module``: bottleneck or convpass, width
+    ``hidden // reduction_rate``) per placement, inserted in parallel and reading the
+    sub-layer's normalised input, without residual: ``y = f(n) + M(n)``. ``layout``
+    ``pfeiffer`` puts one mixture in sub-layer ``location`` (default ``mhsa``), ``houlsby``
+    one in each sub-layer. ``train_norm``: also train the LayerNorm of each sub-layer
+    holding a mixture, as the single adapter does.
+
+    ``published_double_add``: reproduce the published code, which (Pfeiffer, MHSA) adds the
+    mixture's output after the MHSA sub-layer and adds the same tensor again to the FFN
+    sub-layer's output. Off by default: the intended function adds it once.
+    """
+
+    module: str = "bottleneck"
+    layout: str = "pfeiffer"
+    location: str | None = None
+    num_adapters: int = 7
+    reduction_rate: int = 128
+    train_norm: bool = True
+    published_double_add: bool = False
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        _choice(owner, "module", self.module, MIXTURE_MODULES)
+        _choice(owner, "layout", self.layout, MIXTURE_LAYOUTS)
+        _positive_int(owner, "num_adapters", self.num_adapters)
+        _positive_int(owner, "reduction_rate", self.reduction_rate)
+        _bool(owner, "train_norm", self.train_norm)
+        _bool(owner, "published_double_add", self.published_double_add)
+        if self.layout == "pfeiffer":
+            _choice(owner, "location", self.location, (None, *SUBLAYERS))
+        elif self.location is not None:
+            raise ValueError(f"{owner}.location applies to layout 'pfeiffer' only; 'houlsby' uses both sub-layers")
+        if self.published_double_add and self.sublayers() != ("mhsa",):
+            raise ValueError(
+                f"{owner}.published_double_add reproduces a bug of the Pfeiffer MHSA mixture only; "
+                f"layout {self.layout!r} location {self.location!r} has nothing to add twice"
+            )
+
+    def sublayers(self) -> tuple[str, ...]:
+        """The sub-layers holding a mixture in every layer."""
+        return (self.location or "mhsa",) if self.layout == "pfeiffer" else SUBLAYERS
+
+
+@dataclass(frozen=True)
+class DenseMoAConfig(MixtureConfig):
+    """Dense mixture of adapters: a linear router's softmax over the experts weights, per
+    token, the sum of every expert's output. See :class:`MixtureConfig` for the fields."""
+
+    method: ClassVar[str] = "dense_moa"
+
+
+@dataclass(frozen=True)
+class SoftMoAConfig(MixtureConfig):
+    """Soft mixture of adapters (after Soft MoE, Puigcerver et al. 2024).
+
+    Each expert has ``num_slots`` slots; a slot is a dispatch-weighted average of all tokens,
+    and each token's output a combine-weighted sum of all slot outputs. ``normalize``:
+    l2-normalise the tokens and the slot parameters before their product, with a learned
+    scale (the Soft MoE paper's normalisation; the follow-up left it off).
+    See :class:`MixtureConfig` for the shared fields.
+    """
+
+    method: ClassVar[str] = "soft_moa"
+    num_slots: int = 1
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int("SoftMoAConfig", "num_slots", self.num_slots)
+        _bool("SoftMoAConfig", "normalize", self.normalize)
+
 
 MethodConfig = Union[
-    FullFinetuneConfig, LinearProbeConfig, BitFitConfig, PromptConfig, PrefixConfig, LoRAConfig, AdapterConfig
+    FullFinetuneConfig,
+    LinearProbeConfig,
+    BitFitConfig,
+    PromptConfig,
+    PrefixConfig,
+    LoRAConfig,
+    AdapterConfig,
+    DenseMoAConfig,
+    SoftMoAConfig,
 ]
 
 

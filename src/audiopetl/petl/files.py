@@ -62,7 +62,11 @@ def save_adapter(
         "metadata": {**model.metadata, **(extra_metadata or {})},
     }
     stored = STORAGE_DTYPES[dtype]
-    tensors = {name: t.detach().cpu().to(stored).contiguous() for name, t in model.adapter_state_dict().items()}
+    tensors = {
+        # Integer buffers (BatchNorm's step count) keep their dtype.
+        name: t.detach().cpu().to(stored if t.is_floating_point() else t.dtype).contiguous()
+        for name, t in model.adapter_state_dict().items()
+    }
     path = Path(path)
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata={HEADER_KEY: json.dumps(header)})
@@ -159,6 +163,6 @@ def _load_trained(path: str | Path, model: PETLModel, tensors: dict[str, torch.T
     if wrong:
         raise AdapterFileError(f"{path}: tensors with wrong shapes: {wrong}")
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, tensor in (*model.named_parameters(), *model.named_buffers()):
             if name in tensors:
-                param.copy_(tensors[name])
+                tensor.copy_(tensors[name])

@@ -23,13 +23,16 @@ from .config import (
     BitFitConfig,
     FullFinetuneConfig,
     LinearProbeConfig,
+    DenseMoAConfig,
     LoRAConfig,
     MethodConfig,
     PrefixConfig,
     PromptConfig,
+    SoftMoAConfig,
 )
 from .finetune import bitfit_parameters, extra_parameters, full_parameters, linear_parameters
 from .lora import LoRALinear, inject_lora
+from .moa import inject_mixtures, mixture_norms
 from .prompts import inject_prefix, inject_prompts
 from .registry import resolve_methods
 
@@ -39,12 +42,16 @@ SELECT: dict[type, Callable[[AST, Any], list[nn.Parameter]]] = {
     LinearProbeConfig: linear_parameters,
     BitFitConfig: bitfit_parameters,
     AdapterConfig: adapter_norms,
+    DenseMoAConfig: mixture_norms,
+    SoftMoAConfig: mixture_norms,
 }
 INJECT: dict[type, Callable[[AST, Any], list[nn.Module]]] = {
     PromptConfig: inject_prompts,
     PrefixConfig: inject_prefix,
     LoRAConfig: inject_lora,
     AdapterConfig: inject_adapters,
+    DenseMoAConfig: inject_mixtures,
+    SoftMoAConfig: inject_mixtures,
 }
 
 
@@ -138,8 +145,15 @@ class PETLModel(nn.Module):
                     setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained tensors, by their names in this model: what an adapter file holds."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        """The trained tensors, by their names in this model: what an adapter file holds.
+
+        Besides the trained parameters: the buffers of the injected modules (the Conformer
+        adapter's BatchNorm statistics), which training updates too.
+        """
+        state = {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        injected = {id(b) for module in self._injected for b in module.buffers()}
+        state.update((name, b.detach()) for name, b in self.named_buffers() if id(b) in injected)
+        return state
 
     def lora_layers(self) -> list[LoRALinear]:
         return [m for m in self.modules() if isinstance(m, LoRALinear)]

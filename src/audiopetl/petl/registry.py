@@ -14,12 +14,14 @@ from typing import Any
 from .config import (
     AdapterConfig,
     BitFitConfig,
+    DenseMoAConfig,
     FullFinetuneConfig,
     LinearProbeConfig,
     LoRAConfig,
     MethodConfig,
     PrefixConfig,
     PromptConfig,
+    SoftMoAConfig,
 )
 
 METHODS: dict[str, tuple[type, str]] = {
@@ -30,12 +32,14 @@ METHODS: dict[str, tuple[type, str]] = {
     "prefix": (PrefixConfig, "prompt"),
     "lora": (LoRAConfig, "adapter"),
     "adapter": (AdapterConfig, "adapter"),
+    "dense_moa": (DenseMoAConfig, "adapter"),  # the follow-up's lr_MoA equals the adapters' 5e-3
+    "soft_moa": (SoftMoAConfig, "adapter"),
 }
 
 
 def _adapter_presets() -> dict[str, AdapterConfig]:
     presets = {}
-    for module in ("bottleneck", "convpass"):
+    for module in ("bottleneck", "convpass", "conformer"):
         presets[f"{module}_pf_par"] = AdapterConfig(
             module=module, layout="pfeiffer", location="mhsa", insertion="parallel", position="before"
         )
@@ -70,6 +74,8 @@ PRESETS: dict[str, MethodConfig] = {
     "lora_qkvo": LoRAConfig(targets=("q", "k", "v", "o"), reduction_rate=256),
     "adapter": AdapterConfig(),
     **_adapter_presets(),
+    "dense_moa": DenseMoAConfig(),
+    "soft_moa": SoftMoAConfig(),
 }
 
 

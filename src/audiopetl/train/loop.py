@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..petl.model import PETLModel
 from .checkpoint import copy_state, load_checkpoint, save_checkpoint, write_json
 
 CHECKPOINT = "checkpoint.pt"
@@ -130,6 +131,10 @@ def fit(
     forward = model if forward is None else forward
     params = [p for p in model.parameters() if p.requires_grad]
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if isinstance(model, PETLModel):
+        # A PETL model's trained state also holds buffers training updates (the Conformer
+        # adapter's BatchNorm statistics): best-epoch selection and resume must keep them.
+        named = model.adapter_state_dict()
     optimizer = torch.optim.AdamW(
         params, lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
     )
