@@ -13,8 +13,8 @@ from audio_fixtures import speech_like, write_audio
 from audiopetl.cli.main import main
 from audiopetl.data import DatasetLayoutError, get_dataset
 
-# The speech backbone preset `tiny-random-wav2vec2` replaces this once it lands.
-END_TO_END_BACKBONE = "tiny-random"
+# The acceptance run (a speech encoder on speech emotion), and AST.
+END_TO_END_BACKBONES = ["tiny-random-wav2vec2", "tiny-random"]
 
 # Per session: dialog -> [(utterance suffix, label)]. Every label a real file carries
 # appears somewhere; only neu/hap/exc/sad/ang are kept.
@@ -107,7 +107,7 @@ def test_data_info_says_where_the_corpus_comes_from(capsys):
     assert "licence" in out and "https://sail.usc.edu/iemocap/" in out and "EmoEvaluation" in out
 
 
-@pytest.mark.parametrize("backbone", [END_TO_END_BACKBONE])
+@pytest.mark.parametrize("backbone", END_TO_END_BACKBONES)
 def test_train_end_to_end_on_mini_iemocap(tmp_path, backbone):
     data = write_iemocap(tmp_path / "data")
     run_dir = tmp_path / "run"

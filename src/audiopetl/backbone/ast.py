@@ -276,6 +276,32 @@ class AST(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.norm(self.encode(features))
 
+    # The backbone interface every family provides (see audiopetl.backbone.registry).
+    poolings = POOLINGS
+    prompt_start = NUM_SPECIAL_TOKENS  # prompts go right after [CLS] and the distillation token
+
+    @property
+    def input_fan_in(self) -> int:
+        return self.config.patch_size**2  # one input channel: a spectrogram, not RGB
+
+    def embedding_biases(self) -> list[nn.Parameter]:
+        return [self.patch_embed.proj.bias]
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"pos_embed": [self.pos_embed]}
+
+    def frontend_parameters(self) -> list[nn.Parameter]:
+        return []  # the filterbank frontend has no weights
+
+    def pool(self, hidden: torch.Tensor, features: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        return pool(hidden, mode)
+
+    def frontend(self, max_frames: int):
+        """The filterbank frontend for clips of ``max_frames`` frames (one per 10 ms)."""
+        from ..frontend.fbank import Fbank, FbankConfig
+
+        return Fbank(FbankConfig(num_mel_bins=self.config.num_mel_bins, max_frames=max_frames))
+
 
 def pool(hidden: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     """Sequence -> one vector per clip.

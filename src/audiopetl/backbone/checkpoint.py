@@ -1,4 +1,9 @@
-"""Load pre-trained AST weights into :class:`~audiopetl.backbone.ast.AST`.
+"""Load pre-trained backbones: AST here, other families through :mod:`~audiopetl.backbone.registry`.
+
+The checkpoint chooses the backbone: a ``config.json`` whose ``model_type`` a registered
+family reads (``wav2vec2``, ``hubert``, ``wavlm``) goes to that family's loader, and the
+family presets (``tiny-random-wav2vec2`` ...) to its ``preset``; everything else is read
+as an AST, as described below.
 
 Sources accepted by :func:`load_backbone`:
 
@@ -8,7 +13,8 @@ Sources accepted by :func:`load_backbone`:
 * a local directory holding the same files (``config.json`` optional);
 * a single weights file (``.safetensors``, or a ``torch.save`` file such as the original
   release's ``audioset_10_10_0.4593.pth``); ``.bin``/``.pth`` are read with ``weights_only=True``;
-* ``"tiny-random"``, the offline preset of :mod:`audiopetl.backbone.presets`.
+* ``"tiny-random"``, the offline preset of :mod:`audiopetl.backbone.presets`, and the
+  presets of the registered families.
 
 Three key layouts are recognised and renamed to ours (see :data:`CANONICAL_KEY`):
 
@@ -45,6 +51,7 @@ from safetensors.torch import load_file
 
 from .ast import AST, NUM_SPECIAL_TOKENS, ASTConfig
 from .presets import TINY_CONFIG, TINY_RANDOM, tiny_random_state
+from .registry import family_for_preset, family_for_type, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ PosEmbedMode = Literal["adapt", "zeros"]
 POS_EMBED_MODES: tuple[str, ...] = ("adapt", "zeros")
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+PREPROCESSOR_FILE = "preprocessor_config.json"  # speech models: the feature extractor's do_normalize
 
 # The original release has no config.json; its layout (Gong et al. 2021): 128 mel bins,
 # 16x16 patches, stride 10, 1024 frames -> a 12 x 101 grid; timm's ViT LayerNorm eps.
@@ -106,16 +114,16 @@ class LoadReport:
     ``files``: files read (weights first); ``checkpoint_format``: ``transformers``,
     ``original`` or ``audiopetl``; ``ignored_keys``: classification-head tensors dropped;
     ``checkpoint_grid`` / ``grid``: (frequency, time) patch grids before / after the
-    position-table change made by ``pos_embed`` (``adapt`` or ``zeros``); ``fingerprint``:
-    :func:`backbone_fingerprint` of the returned model.
+    position-table change made by ``pos_embed`` (``adapt`` or ``zeros``; AST only, None
+    for other families); ``fingerprint``: :func:`backbone_fingerprint` of the returned model.
     """
 
     source: str
     files: tuple[str, ...]
     checkpoint_format: str
     ignored_keys: tuple[str, ...]
-    checkpoint_grid: tuple[int, int]
-    grid: tuple[int, int]
+    checkpoint_grid: tuple[int, int] | None
+    grid: tuple[int, int] | None
     pos_embed: str
     fingerprint: str
 
@@ -128,23 +136,39 @@ def load_backbone(
     cache_dir: str | Path | None = None,
     revision: str | None = None,
 ) -> AST:
-    """A pre-trained AST in eval mode, with ``model.source`` and ``model.load_report`` set.
+    """A pre-trained backbone in eval mode, with ``model.source`` and ``model.load_report`` set.
 
-    ``max_frames``: input length; ``None`` keeps the checkpoint's. When it changes the
+    For speech encoders ``max_frames``, ``pos_embed`` and ``num_heads`` do not apply (their
+    positional convolution takes any length; the clip length is the frontend's setting).
+    AST: ``max_frames``: input length; ``None`` keeps the checkpoint's. When it changes the
     patch grid the position table is rebuilt per ``pos_embed`` (:func:`adapt_pos_embed`).
     ``num_heads`` overrides the head count inferred for checkpoints without ``config.json``
     (default ``hidden_size // 64``); ``cache_dir``/``revision`` are passed to the hub.
     """
     check_pos_embed_mode(pos_embed)
     source = str(name_or_path)
+    family = family_for_preset(source)
+    if family is not None:
+        return _finish(family.preset(source), source, (), "audiopetl", [], pos_embed)
     if source == TINY_RANDOM:
         state, ignored, fmt, files = tiny_random_state(), [], "audiopetl", ()
         config = TINY_CONFIG
     else:
         weights, config_path = _resolve(source, cache_dir, revision)
+        config_json = _read_json(config_path) if config_path else None
+        family = family_for_type(config_json.get("model_type")) if config_json else None
+        if family is not None:
+            try:
+                model, ignored = family.from_transformers(_read_weights(weights), config_json, str(weights))
+            except ValueError as err:
+                raise CheckpointError(str(err)) from err
+            preprocessor = _optional_file(source, PREPROCESSOR_FILE, cache_dir, revision)
+            if preprocessor is not None:
+                model.waveform_normalize = bool(_read_json(preprocessor).get("do_normalize", True))
+            files = (str(weights), str(config_path)) + ((str(preprocessor),) if preprocessor else ())
+            return _finish(model, source, files, "transformers", ignored, pos_embed)
         files = (str(weights),) + ((str(config_path),) if config_path else ())
         state, ignored, fmt = convert_state_dict(_read_weights(weights), str(weights))
-        config_json = _read_json(config_path) if config_path else None
         config = _checkpoint_config(state, config_json, fmt, num_heads, str(weights))
         _check_keys_and_shapes(state, config, str(weights))
 
@@ -168,6 +192,31 @@ def load_backbone(
         fingerprint=backbone_fingerprint(model),
     )
     return model
+
+
+def _finish(model, source: str, files: tuple, fmt: str, ignored: list, pos_embed: str):
+    """A non-AST backbone with its source and load report attached."""
+    if ignored:
+        logger.info("%s: ignored head tensors %s", source, ignored)
+    model.source = source
+    model.load_report = LoadReport(
+        source=source, files=files, checkpoint_format=fmt, ignored_keys=tuple(ignored),
+        checkpoint_grid=None, grid=None, pos_embed=pos_embed, fingerprint=fingerprint(model),
+    )
+    return model
+
+
+def _optional_file(source: str, name: str, cache_dir: str | Path | None, revision: str | None) -> Path | None:
+    """``name`` next to the weights (local directory) or in the hub repo, or None where there is none."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path / name if (path / name).is_file() else None
+    if path.exists():
+        return None
+    try:
+        return Path(hf_hub_download(source, name, revision=revision, cache_dir=cache_dir))
+    except (OSError, ValueError):  # absent from the repo, or offline: the defaults apply
+        return None
 
 
 def check_pos_embed_mode(mode: str) -> None:
@@ -446,13 +495,14 @@ def fingerprint_state_dict(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def backbone_fingerprint(model: AST) -> str:
-    """:func:`fingerprint_state_dict` of ``model.state_dict()``.
+def backbone_fingerprint(model) -> str:
+    """The weights fingerprint of a backbone of any family (:func:`~audiopetl.backbone.registry.fingerprint`;
+    for AST the same as :func:`fingerprint_state_dict` of ``model.state_dict()``).
 
     Take it on the backbone as loaded (``model.load_report.fingerprint``): training backbone
     tensors (BitFit, LayerNorm tuning) or another ``max_frames`` / ``pos_embed`` changes it.
     """
-    return fingerprint_state_dict(model.state_dict())
+    return fingerprint(model)
 
 
 __all__ = [

@@ -93,12 +93,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'default' (ours) or 'paper': reproduce the published code's setup (README: "
                         "'Our default vs the paper's setup')")
     model.add_argument("--backbone", default=_UNSET,
-                       help="hub id, local folder or 'tiny-random' (default: MIT/ast-finetuned-audioset-10-10-0.4593)")
+                       help="hub id or local folder; its config.json's model_type picks AST, wav2vec 2.0, HuBERT or "
+                            "WavLM; or a preset: 'tiny-random' (AST), 'tiny-random-wav2vec2', 'tiny-random-hubert', "
+                            "'tiny-random-wavlm', 'tiny-random-wav2vec2-stable' "
+                            "(default: MIT/ast-finetuned-audioset-10-10-0.4593)")
     model.add_argument("--pos-embed", choices=POS_EMBED_MODES, default=_UNSET,
                        help="'adapt' (default) the position table to the clip length, or 'zeros' as in the paper")
-    model.add_argument("--pooling", choices=("mean", "cls", "cls_dist"), default=_UNSET, help="head input (default: mean)")
+    model.add_argument("--pooling", choices=("mean", "cls", "cls_dist"), default=_UNSET, help="head input (default: mean; speech backbones: mean only)")
     model.add_argument("--extra-trainable", default=_UNSET, type=_comma_list,
-                       help="comma-separated extras: pos_embed, final_norm, block.N")
+                       help="comma-separated extras: final_norm, block.N; AST: pos_embed; "
+                            "speech backbones: pos_conv, feature_projection")
     data = parser.add_argument_group("data")
     data.add_argument("--protocol", default=_UNSET, help="split protocol (US8K: default or reference)")
     data.add_argument("--channels", choices=CHANNEL_POLICIES, default=_UNSET,
@@ -241,7 +245,8 @@ def run_predict(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- params
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-config", default="vit-b",
-                        help="'vit-b' (AST base) or a config.json path; no weights are downloaded")
+                        help="'vit-b' (AST base) or a config.json path (AST, wav2vec 2.0, HuBERT, WavLM); "
+                             "no weights are downloaded")
     parser.add_argument("--num-classes", type=int, default=50, help="head size (Linear and Full FT counts)")
     parser.add_argument("--max-frames", type=int, default=1024, help="clip length (Full FT counts the position table)")
 
@@ -256,12 +261,17 @@ def run_params(args: argparse.Namespace) -> None:
         import json
 
         from ..backbone.checkpoint import config_from_transformers
+        from ..backbone.registry import family_for_type
 
         path = Path(args.backbone_config)
         if not path.is_file():
             raise FileNotFoundError(f"--backbone-config: no such config.json {str(path)!r}")
         values = json.loads(path.read_text())
-        config = dataclasses.replace(config_from_transformers(values, source=str(path)), max_frames=args.max_frames)
+        family = family_for_type(values.get("model_type"))
+        if family is not None:  # speech encoders: no position table, the clip length changes no count
+            config = family.config_from_transformers(values, str(path))
+        else:
+            config = dataclasses.replace(config_from_transformers(values, source=str(path)), max_frames=args.max_frames)
     print(format_parameter_table(parameter_table(config, num_classes=args.num_classes)))
 
 
@@ -368,7 +378,8 @@ def run_report(args: argparse.Namespace) -> None:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-run"), help="folder for data, runs and adapters")
     parser.add_argument("--backbone", default="tiny-random",
-                        help="'tiny-random' (offline, random weights) or a hub id / folder for real weights")
+                        help="'tiny-random' (offline AST, random weights), 'tiny-random-wav2vec2' (or -hubert, "
+                             "-wavlm: offline speech encoders) or a hub id / folder for real weights")
     parser.add_argument("--epochs", type=int, default=None, help="default: 20 (tiny) / 3 (real backbone)")
     parser.add_argument("--clips-per-class", type=int, default=32, help="size of the generated dataset")
 
@@ -378,6 +389,8 @@ def run_demo(args: argparse.Namespace) -> None:
 
     demo(args.out, backbone=args.backbone, epochs=args.epochs, clips_per_class=args.clips_per_class)
 
+
+from .serve_commands import add_export_arguments, add_serve_arguments, run_export, run_serve  # noqa: E402
 
 COMMANDS = {
     "demo": ("train LoRA and an adapter on a generated dataset, offline, in minutes", add_demo_arguments, run_demo),
@@ -389,4 +402,6 @@ COMMANDS = {
     "cache": ("list or clear the feature cache", add_cache_arguments, run_cache),
     "reproduce": ("run a paper table or figure as a resumable sweep", add_reproduce_arguments, run_reproduce),
     "report": ("tables and plots from a folder of runs", add_report_arguments, run_report),
+    "serve": ("serve adapters over HTTP on one shared backbone", add_serve_arguments, run_serve),
+    "export": ("export an adapter to PEFT or ONNX", add_export_arguments, run_export),
 }

@@ -1,7 +1,9 @@
-"""The feature cache: decode, resample and filterbank a list of files once per (files,
-frontend settings), store the result as a memory-mapped float32 array, and reuse it.
+"""The feature cache: decode, resample and run a frontend over a list of files once per
+(files, frontend settings), store the result as a memory-mapped float32 array, and reuse it.
 
-An entry is `<key>.f32` (raw rows of (max_frames, num_mel_bins)) plus `<key>.json`, its
+Any :class:`~audiopetl.frontend.Frontend` works: AST's filterbanks, or the frozen
+convolutional feature encoder of a speech backbone, so that epochs after the first skip it.
+An entry is `<key>.f32` (raw rows of the frontend's `feature_shape`) plus `<key>.json`, its
 manifest, under `<cache dir>/features/`. The key hashes every file's path, size and
 mtime (ns) with the frontend settings, so a touched file or a changed setting gives a new
 entry. The data file is built under a temporary name, fsynced and renamed; the manifest
@@ -27,12 +29,12 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import atomic_path
-from ..frontend import AudioError, Fbank, FbankConfig, load_audio
+from ..frontend import AudioError, FbankConfig, Frontend, as_frontend, channel_policy, load_audio
 from .base import DatasetIndex
 
 CACHE_ENV = "AUDIOPETL_CACHE"
 FORMAT = 1  # bump when the stored layout or the meaning of a key changes
-BATCH = 32  # clips per filterbank call: enough to amortise, small enough for 2-core laptops
+BATCH = 32  # clips per frontend call: enough to amortise, small enough for 2-core laptops
 
 
 def default_cache_dir() -> Path:
@@ -77,18 +79,22 @@ class CacheEntry:
         date = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created))
         return (
             f"{self.key[:16]}  {self.size_bytes / 2**20:9.1f} MiB  {date}  {self.num_clips} clips"
-            f" ({self.num_bad} bad), {self.frontend['max_frames']} frames  {self.source}"
+            f" ({self.num_bad} bad), {self.frontend['max_frames']} frames"
+            f"{' (' + self.frontend['kind'] + ')' if 'kind' in self.frontend else ''}  {self.source}"
         )
 
 
 class FeatureCache:
-    """Filterbank features of audio files, computed once and memory-mapped afterwards."""
+    """Frontend features of audio files, computed once and memory-mapped afterwards.
+
+    Methods take a :class:`~audiopetl.frontend.Frontend` or, for filterbanks, its :class:`FbankConfig`.
+    """
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         self.root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.dir = self.root / "features"
 
-    def key(self, paths: Sequence[str], config: FbankConfig) -> str:
+    def key(self, paths: Sequence[str], config: Frontend | FbankConfig) -> str:
         """Content hash of the files' identities (path, size, mtime ns) and the settings."""
         files = []
         for path in paths:
@@ -97,18 +103,20 @@ class FeatureCache:
                 files.append([path, stat.st_size, stat.st_mtime_ns])
             except OSError:
                 files.append([path, None, None])  # missing: reported as bad when built
-        blob = json.dumps({"format": FORMAT, "frontend": config.to_dict(), "files": files}, sort_keys=True)
+        settings = as_frontend(config).settings
+        blob = json.dumps({"format": FORMAT, "frontend": settings, "files": files}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def features(
-        self, paths: Sequence[str | os.PathLike], config: FbankConfig, skip_bad_audio: bool = False,
+        self, paths: Sequence[str | os.PathLike], config: Frontend | FbankConfig, skip_bad_audio: bool = False,
         progress: bool = True,
     ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-        """(features (N_good, max_frames, num_mel_bins) float32, kept indices, bad (path, reason)).
+        """(features (N_good, *feature_shape) float32, kept indices, bad (path, reason)).
 
         Raises `BadAudioError` listing every bad file unless `skip_bad_audio`.
         """
         paths = [os.path.abspath(p) for p in paths]
+        config = as_frontend(config)
         key = self.key(paths, config)
         manifest = self._trusted_manifest(key) or self._build(key, paths, config, progress)
         bad = [(paths[i], reason) for i, reason in manifest["bad"]]
@@ -116,7 +124,7 @@ class FeatureCache:
             raise BadAudioError(bad)
         bad_indices = {i for i, _ in manifest["bad"]}
         kept = [i for i in range(len(paths)) if i not in bad_indices]
-        shape = (len(kept), config.max_frames, config.num_mel_bins)
+        shape = (len(kept), *config.feature_shape)
         if not kept:  # numpy cannot memory-map an empty file
             return np.zeros(shape, dtype=np.float32), kept, bad
         return np.memmap(self.dir / f"{key}.f32", dtype=np.float32, mode="r", shape=shape), kept, bad
@@ -131,7 +139,7 @@ class FeatureCache:
             return None
         return manifest
 
-    def _build(self, key: str, paths: list[str], config: FbankConfig, progress: bool) -> dict:
+    def _build(self, key: str, paths: list[str], config: Frontend, progress: bool) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
         # An old manifest must not vouch for a data file that is about to be replaced.
         (self.dir / f"{key}.json").unlink(missing_ok=True)
@@ -144,7 +152,7 @@ class FeatureCache:
             "source": os.path.commonpath(paths) if paths else "",
             "num_clips": len(paths),
             "bad": bad,
-            "frontend": config.to_dict(),
+            "frontend": config.settings,
             "size_bytes": (self.dir / f"{key}.f32").stat().st_size,
         }
         with atomic_path(self.dir / f"{key}.json") as temp:
@@ -153,26 +161,25 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def _compute(paths: list[str], config: FbankConfig, out, progress: bool) -> list[tuple[int, str]]:
+def _compute(paths: list[str], frontend: Frontend, out, progress: bool) -> list[tuple[int, str]]:
     """Write the features of every decodable file to `out`, in order; return the bad ones."""
-    fbank = Fbank(config)
     bad: list[tuple[int, str]] = []
     pending: list[torch.Tensor] = []
 
     def flush() -> None:
         lengths = torch.tensor([len(w) for w in pending])
         waves = torch.nn.utils.rnn.pad_sequence(pending, batch_first=True)
-        out.write(fbank(waves, lengths=lengths).numpy().astype(np.float32, copy=False).tobytes())
+        out.write(frontend(waves, lengths=lengths).cpu().numpy().astype(np.float32, copy=False).tobytes())
         pending.clear()
 
     # Decoding stays in this loop (no worker processes): on 2 cores they would only compete.
     for i, path in enumerate(tqdm(paths, desc="computing features", unit="clip", disable=not progress)):
         try:
-            wave = load_audio(path, sample_rate=config.sample_rate, channels=config.channels)
+            wave = load_audio(path, sample_rate=frontend.sample_rate, channels=channel_policy(frontend.settings))
         except AudioError as error:
             bad.append((i, error.reason))
             continue
-        pending.append(torch.from_numpy(wave[: config.max_samples]))  # later samples never reach a frame
+        pending.append(torch.from_numpy(wave[: frontend.max_samples]))  # later samples never reach a frame
         if len(pending) == BATCH:
             flush()
     if pending:
@@ -246,7 +253,7 @@ class IndexedFeatures:
 
 def index_features(
     index: DatasetIndex,
-    config: FbankConfig,
+    config: Frontend | FbankConfig,
     cache_dir: str | os.PathLike | None = None,
     skip_bad_audio: bool = False,
     progress: bool = True,

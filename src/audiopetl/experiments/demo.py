@@ -3,8 +3,9 @@
 Generates a small labelled dataset of distinct synthetic sounds as WAV files, trains a
 LoRA and a Bottleneck adapter on it, saves the adapter files, reloads one and labels a few
 clips, and prints accuracy and parameter counts. By default the backbone is a small
-*randomly initialised* AST (nothing is downloaded); ``backbone=`` a hub id or folder runs
-the same demo on real pre-trained weights.
+*randomly initialised* AST (nothing is downloaded; ``tiny-random-wav2vec2`` and the other
+speech presets likewise); ``backbone=`` a hub id or folder runs the same demo on real
+pre-trained weights.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from ..backbone import load_backbone
 from ..backbone.presets import TINY_RANDOM
+from ..backbone.registry import preset_names
 from ..data import get_dataset
 from ..train import ADAPTER, TrainConfig, run_training
 from .inference import predict_files
@@ -33,10 +35,10 @@ def run_demo(
 ) -> dict:
     """Run the demo into ``out``; returns {method: summary} for the trained methods."""
     out = Path(out)
-    tiny = backbone == TINY_RANDOM
+    tiny = backbone in (TINY_RANDOM, *preset_names())
     if tiny:
         print(
-            "NOTE: using a small randomly initialised AST (no pre-trained weights, nothing downloaded).\n"
+            f"NOTE: using {backbone}, a small randomly initialised model (no pre-trained weights, nothing downloaded).\n"
             "      Accuracy here shows the pipeline learns; run `audiopetl demo --backbone "
             "MIT/ast-finetuned-audioset-10-10-0.4593` for real weights."
         )

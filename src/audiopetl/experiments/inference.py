@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..data import get_dataset, index_features
-from ..frontend import Fbank, FbankConfig, load_audio
+from ..frontend import Frontend, channel_policy, frontend_from_settings, load_audio
 from ..petl import PETLModel, load_adapter
 from ..train.loop import Batches, LoopSettings, evaluate
 from ..train.precision import resolve_device, resolve_precision
@@ -63,27 +63,35 @@ def predict_files(
     """Top-k labels and probabilities for each audio file."""
     model = load_for_inference(adapter, backbone, device)
     device_ = next(model.parameters()).device
-    frontend = FbankConfig.from_dict(model.metadata["frontend"])
-    fbank = Fbank(frontend).to(device_)
+    frontend = frontend_from_settings(model.metadata["frontend"], model.backbone).to(device_)
     files = audio_files(inputs)
     k = min(top_k, len(model.class_names))
+    channels = channel_policy(frontend.settings)
     results = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        waves = [
-            torch.from_numpy(load_audio(path, sample_rate=frontend.sample_rate, channels=frontend.channels))
-            for path in chunk
-        ]
-        lengths = torch.tensor([len(w) for w in waves])
-        padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device_)
-        probabilities = model(fbank(padded, lengths=lengths.to(device_))).float().softmax(-1).cpu()
-        scores, labels = probabilities.topk(k, dim=-1)
-        for path, row_scores, row_labels in zip(chunk, scores, labels):
-            ranked = [
-                {"label": model.class_names[int(i)], "score": round(float(s), 6)} for s, i in zip(row_scores, row_labels)
-            ]
-            results.append({"path": str(path), "label": ranked[0]["label"], "top_k": ranked})
+        waves = [torch.from_numpy(load_audio(path, sample_rate=frontend.sample_rate, channels=channels)) for path in chunk]
+        probabilities = model(waveform_features(frontend, waves).to(device_)).float().softmax(-1).cpu()
+        results.extend(prediction_record(str(p), row, model.class_names, k) for p, row in zip(chunk, probabilities))
     return results
+
+
+def waveform_features(frontend: Frontend, waves: list[torch.Tensor]) -> torch.Tensor:
+    """Model input for 1-D waveforms of any lengths, each as it would be alone.
+
+    Padded on the CPU; each frontend computes on its own device (``Fbank``: its buffers';
+    the speech encoders' waveform frontend: its feature encoder's, returning CPU rows).
+    """
+    lengths = torch.tensor([len(w) for w in waves])
+    padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    return frontend(padded, lengths=lengths)
+
+
+def prediction_record(path: str | None, probabilities: torch.Tensor, class_names: list[str], k: int) -> dict:
+    """The record ``predict`` writes for one clip: path, top label, and the top-k labels with scores."""
+    scores, labels = probabilities.topk(k)
+    ranked = [{"label": class_names[int(i)], "score": round(float(s), 6)} for s, i in zip(scores, labels)]
+    return {"path": path, "label": ranked[0]["label"], "top_k": ranked}
 
 
 def format_predictions(predictions: list[dict], fmt: str = "json") -> str:
@@ -126,7 +134,7 @@ def evaluate_adapter(
             f"adapter classes {model.class_names[:5]}... do not match dataset classes {index.class_names[:5]}..."
         )
     # The whole dataset's features: the cache entry the training run built, so nothing is decoded again.
-    data = index_features(index, FbankConfig.from_dict(metadata["frontend"]), cache_dir)
+    data = index_features(index, frontend_from_settings(metadata["frontend"], model.backbone), cache_dir)
     test_rows = data.rows(splits[split].test)
     device_ = next(model.parameters()).device
     # The same precision choice as training, so eval reproduces the run's test accuracy.

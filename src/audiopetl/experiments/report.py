@@ -185,7 +185,7 @@ def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
     from sklearn.manifold import TSNE
 
     from ..data import get_dataset, index_features
-    from ..frontend import FbankConfig
+    from ..frontend import frontend_from_settings
     from .inference import load_for_inference
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -194,7 +194,8 @@ def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
     source = get_dataset(config["dataset"])
     index = source.scan(config["data_root"])
     split = {s.name: s for s in source.splits(index, protocol=config["protocol"])}[model.metadata["split"]]
-    data = index_features(index, FbankConfig.from_dict(model.metadata["frontend"]), config["cache_dir"], progress=False)
+    frontend = frontend_from_settings(model.metadata["frontend"], model.backbone)
+    data = index_features(index, frontend, config["cache_dir"], progress=False)
     rows = data.rows([i for i in split.test if index.clips[i].label < max_classes])
     with torch.no_grad():
         cls = np.concatenate(

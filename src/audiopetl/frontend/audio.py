@@ -8,6 +8,7 @@ requested sample rate, or an `AudioError` that says which file and why.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,13 @@ import soxr
 # How a multi-channel file becomes mono: "mean" averages the channels (our default: no
 # channel is privileged); "first" keeps channel 0, as the published UrbanSound8K reader did.
 CHANNEL_POLICIES = ("mean", "first")
+
+
+def channel_policy(settings: Mapping) -> str:
+    """The channel policy a frontend's settings record: the filterbank's ``channels``; frontends
+    without one (the speech encoders' waveform frontend) average the channels."""
+    return settings.get("channels", "mean")
+
 
 # Peak amplitude (full scale = 1.0) below which a clip counts as silent; far below the
 # quietest non-zero 24-bit sample, so only digital silence trips it.

@@ -157,6 +157,25 @@ class Fbank(nn.Module):
         self.register_buffer("window", window.float(), persistent=False)
         self.register_buffer("mel_pairs", mel_filterbank(config).float().repeat_interleave(2, dim=0), persistent=False)
 
+    spectrogram = True  # rows are a (time, mel) plane: SpecAugment applies
+
+    @property
+    def settings(self) -> dict:
+        """What identifies the computation (cache key, adapter metadata): the config."""
+        return self.config.to_dict()
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        return self.config.max_frames, self.config.num_mel_bins
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def max_samples(self) -> int:
+        return self.config.max_samples
+
     def log_mel(self, waveforms: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
         """Raw Kaldi log-mel, (B, num_frames(T), num_mel_bins); frames past a clip's length are 0."""
         cfg = self.config

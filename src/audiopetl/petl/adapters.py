@@ -15,6 +15,12 @@ Sequential-after with residual equals parallel-after without, hence Table III's
 "Seq/Par-After" rows. Sequential-before's residual skips the sub-layer, not the adapter,
 so it is not the identity at initialisation: ``f(0) + 0`` where the adapter outputs zeros.
 
+Post-LN blocks (the base wav2vec 2.0 / HuBERT / WavLM models, whose sub-layers compute
+``LN(x + f(x))``; :class:`~audiopetl.backbone.wav2vec2.PostNormTaps`) use the same taps with
+``n = x``, the sub-layer input (the previous LayerNorm's output), and return ``LN(x + y)``:
+every placement's ``y`` above joins the residual sum before the sub-layer's LayerNorm, and
+the LayerNorm trained with an adapter is that one.
+
 Initialisation (``AdapterConfig.init``): ``default`` starts every adapter at zero output
 with a gradient on ``up`` (see each module); ``paper`` is what the published runs had:
 transformers' ``from_pretrained`` re-initialised every module missing from the checkpoint,

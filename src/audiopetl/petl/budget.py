@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ..backbone.ast import AST, ASTConfig
+from ..backbone.ast import ASTConfig
+from ..backbone.registry import build_backbone
 from .config import AdapterConfig, DenseMoAConfig, LoRAConfig, MethodConfig, PrefixConfig, PromptConfig, SoftMoAConfig
 from .model import PETLModel, build_model
 from .registry import resolve_methods
@@ -85,7 +86,7 @@ PAPER_ROWS: list[tuple[str, str, Any, int | None, str]] = [
 def meta_model(method: Any, backbone_config: ASTConfig, num_classes: int = 50) -> PETLModel:
     """The model ``method`` builds, on the meta device: exact shapes, no memory, no weights."""
     with torch.device("meta"):
-        return build_model(AST(backbone_config), method, num_classes=num_classes)
+        return build_model(build_backbone(backbone_config), method, num_classes=num_classes)
 
 
 def count_method_parameters(method: Any, backbone_config: ASTConfig, num_classes: int = 50) -> int:

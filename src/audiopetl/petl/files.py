@@ -117,7 +117,7 @@ def load_adapter(path: str | Path, backbone: AST | None = None, map_location: st
         if not record.get("source"):
             raise AdapterFileError(f"{path}: the file names no backbone; pass backbone=")
         backbone = load_backbone(
-            record["source"], max_frames=record["config"]["max_frames"], pos_embed=record.get("pos_embed") or "adapt"
+            record["source"], max_frames=record["config"].get("max_frames"), pos_embed=record.get("pos_embed") or "adapt"
         ).to(map_location)
     _check_backbone(path, record, backbone)
     try:
@@ -138,7 +138,7 @@ def load_adapter(path: str | Path, backbone: AST | None = None, map_location: st
 
 
 def _check_backbone(path: str | Path, record: dict, backbone: AST) -> None:
-    from ..backbone.checkpoint import fingerprint_state_dict
+    from ..backbone.registry import fingerprint
 
     made_for = record.get("source") or "an unnamed backbone"
     config = backbone.config.to_dict()
@@ -146,11 +146,11 @@ def _check_backbone(path: str | Path, record: dict, backbone: AST) -> None:
     if differing:
         detail = ", ".join(f"{k}: file {a!r} vs backbone {b!r}" for k, (a, b) in differing.items())
         raise AdapterFileError(f"{path}: made for {made_for} with another backbone config ({detail})")
-    fingerprint = fingerprint_state_dict(backbone.state_dict())
-    if fingerprint != record["fingerprint"]:
+    digest = fingerprint(backbone)
+    if digest != record["fingerprint"]:
         raise AdapterFileError(
             f"{path}: made for {made_for} (weights fingerprint {record['fingerprint']}), but the given backbone "
-            f"{getattr(backbone, 'source', '')!r} has fingerprint {fingerprint}; load the backbone it was trained on"
+            f"{getattr(backbone, 'source', '')!r} has fingerprint {digest}; load the backbone it was trained on"
         )
 
 

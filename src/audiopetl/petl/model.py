@@ -1,10 +1,11 @@
 """``build_model``: a backbone plus one or more method configs -> a :class:`PETLModel`.
 
 Building has three steps, kept apart as in PEFT: (1) pick the backbone tensors the
-methods train (on the plain backbone), (2) inject the new modules through the AST's
-extension points, (3) freeze everything else. Every model also trains a linear head on
-the pooled output and the final LayerNorm, as the reference implementation does (BitFit
-alone: the final LayerNorm's bias only, as there).
+methods train (on the plain backbone), (2) inject the new modules through the backbone's
+extension points (the same on every family, see :mod:`audiopetl.backbone.registry`),
+(3) freeze everything else. Every model also trains a linear head on the pooled output
+and the final LayerNorm, as the reference implementation does (BitFit alone: the final
+LayerNorm's bias only, as there).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..backbone.ast import AST, POOLINGS, pool
+from ..backbone.ast import AST
+from ..backbone.registry import fingerprint
 from .adapters import adapter_norms, inject_adapters
 from .config import (
     AdapterConfig,
@@ -96,7 +98,7 @@ class PETLModel(nn.Module):
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """Pooled embedding fed to the head, (batch, hidden)."""
-        return pool(self.hidden(features), self.pooling)
+        return self.backbone.pool(self.hidden(features), features, self.pooling)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(features))
@@ -194,8 +196,8 @@ def build_model(
     not hold PETL modules already.
     """
     methods = resolve_methods(method)
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; valid: {list(POOLINGS)}")
+    if pooling not in backbone.poolings:
+        raise ValueError(f"unknown pooling {pooling!r}; valid: {list(backbone.poolings)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if class_names is not None and len(class_names) != num_classes:
@@ -214,7 +216,7 @@ def build_model(
         if type(config) in SELECT:
             trained += SELECT[type(config)](backbone, config)
 
-    reference = backbone.pos_embed
+    reference = next(backbone.parameters())
     injected: list[nn.Module] = []
     with torch.device(reference.device):
         for config in methods:
@@ -266,14 +268,12 @@ def _check_plain(backbone: AST) -> None:
 def _backbone_record(backbone: AST, metadata: dict) -> dict:
     """Source, config and weight fingerprint of the pre-trained backbone, taken before training."""
     report = getattr(backbone, "load_report", None)
-    fingerprint = None
-    if backbone.pos_embed.device.type != "meta":  # meta models (parameter counting) have no weights
-        from ..backbone.checkpoint import fingerprint_state_dict
-
-        fingerprint = fingerprint_state_dict(backbone.state_dict())
+    digest = None
+    if next(backbone.parameters()).device.type != "meta":  # meta models (parameter counting) have no weights
+        digest = fingerprint(backbone)
     return {
         "source": getattr(backbone, "source", None) or metadata.get("backbone"),
         "config": backbone.config.to_dict(),
         "pos_embed": getattr(report, "pos_embed", None) or metadata.get("pos_embed", "adapt"),
-        "fingerprint": fingerprint,
+        "fingerprint": digest,
     }

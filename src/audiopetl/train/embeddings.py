@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..backbone import AST, pool
+from ..backbone import AST
 from .loop import autocast
 
 
@@ -32,7 +32,7 @@ def pooled_embeddings(backbone: AST, features: np.ndarray, pooling: str, setting
         with autocast(settings):
             hidden = backbone.encode(batch.to(settings.device)).float()
         normalised = F.layer_norm(hidden, norm.normalized_shape, eps=norm.eps)
-        rows.append(pool(normalised, pooling).cpu())
+        rows.append(backbone.pool(normalised, batch.to(settings.device), pooling).float().cpu())
     return torch.cat(rows).numpy()
 
 

@@ -1,5 +1,9 @@
 """One training run from a :class:`TrainConfig`: data -> features -> model -> fit, per split.
 
+The backbone comes first: its frontend (filterbanks for AST, the frozen convolutional
+feature encoder for the speech encoders) makes the cached features, so no epoch after
+the first recomputes them.
+
 The run directory holds ``config.yaml`` (the resolved configuration), one sub-directory
 per split with its log, checkpoint, metrics and best adapter file, ``bad_audio.txt``
 when files were skipped, and ``metrics.json`` with per-split and mean +- std test
@@ -18,7 +22,7 @@ import yaml
 
 from ..backbone import load_backbone
 from ..data import SpecAugment, few_shot_subset, get_dataset, index_features, write_bad_audio_report
-from ..frontend import FbankConfig
+from ..frontend import Fbank, channel_policy
 from ..petl import PETLModel, build_model, learning_rate_family, resolve_methods
 from .checkpoint import write_json
 from .config import LEARNING_RATES, TrainConfig
@@ -91,13 +95,14 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             f"for {unvalidated}: use selection 'last'"
         )
 
-    fbank = FbankConfig(max_frames=config.max_frames, channels=config.channels)
-    data = index_features(index, fbank, config.cache_dir, config.skip_bad_audio, config.progress)
+    backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
+    frontend = _with_channels(backbone.frontend(config.max_frames), config.channels)
+    if not frontend.spectrogram:
+        frontend.to(device)  # a convolutional feature encoder is worth the accelerator; filterbanks stay on the CPU
+    data = index_features(index, frontend, config.cache_dir, config.skip_bad_audio, config.progress)
     if data.bad:
         write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
     features, labels = data.features, data.labels
-
-    backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
     linear_probe = config.embedding_cache and all(m.to_dict()["method"] == "linear" for m in methods)
     embeddings = None
     if linear_probe:
@@ -120,7 +125,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             metadata={
                 "backbone": config.backbone,
                 "pos_embed": config.pos_embed,
-                "frontend": fbank.to_dict(),
+                "frontend": frontend.settings,
                 "dataset": config.dataset,
                 "split": split.name,
                 "setup": config.setup,
@@ -136,7 +141,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         else:
             if config.compile:
                 forward = torch.compile(model)
-            if config.specaugment:
+            if config.specaugment and frontend.spectrogram:  # not for waveform frontends' encoder features
                 augment = SpecAugment()
         # No selection given: the best validation epoch where the split has validation clips, else the last.
         selection = config.selection or ("best" if split.valid else "last")
@@ -169,6 +174,15 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
     }
     write_json(run_dir / METRICS, summary)
     return summary
+
+
+def _with_channels(frontend, channels: str):
+    """``frontend`` decoding multi-channel files by ``channels``: the filterbank frontend records the policy."""
+    if channels == channel_policy(frontend.settings):
+        return frontend
+    if not isinstance(frontend, Fbank):
+        raise ValueError(f"channels={channels!r} applies to the filterbank frontend (AST) only")
+    return Fbank(dataclasses.replace(frontend.config, channels=channels))
 
 
 def _parameter_counts(model: PETLModel) -> dict:

@@ -1,0 +1,100 @@
+"""The ``serve`` and ``export`` sub-commands (registered in ``commands.COMMANDS``)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "adapters", nargs="+", metavar="ADAPTER",
+        help="adapter files, each served as a task named by its file stem, or NAME=PATH; all must share one backbone",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start-up)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--max-batch", type=int, default=32, help="most clips run in one batch")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=10.0, help="longest a request waits for others to batch with"
+    )
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload, in MB (10^6 bytes)")
+    parser.add_argument(
+        "--lora-batching", choices=("shared", "per-task"), default="shared",
+        help="shared: LoRA tasks share one backbone pass with per-sample low-rank updates; per-task: one pass per task",
+    )
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from ..serve import ServeLimits, create_app, load_tasks
+    except ImportError as error:
+        raise SystemExit(f"`audiopetl serve` needs the serve extra: pip install 'audiopetl[serve]' ({error})") from None
+    from ..train.precision import resolve_device
+
+    limits = ServeLimits(int(args.max_upload_mb * 1_000_000), args.max_batch, args.max_wait_ms)
+    tasks = load_tasks(args.adapters, resolve_device(args.device))
+    app = create_app(tasks, limits, args.lora_batching)
+    # Bind here so the address (the real port, when --port 0) is printed whatever the log level.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections made before uvicorn starts wait in the backlog
+    except OSError as error:
+        sock.close()
+        raise ValueError(
+            f"cannot listen on {args.host}:{args.port} ({error.strerror}); choose another --port"
+        ) from None
+    host, port = sock.getsockname()[:2]
+    shared = app.state.engine.shared_index
+    print(
+        f"audiopetl serve: {len(tasks)} task(s) on one backbone: {', '.join(tasks)}"
+        + (f"; LoRA tasks sharing each backbone pass: {', '.join(shared)}" if shared else "")
+        + f"\naudiopetl serve: listening on http://{f'[{host}]' if family == socket.AF_INET6 else host}:{port}/",
+        file=sys.stderr,
+        flush=True,
+    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
+    server.run(sockets=[sock])
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    peft = sub.add_parser(
+        "peft", help="LoRA adapter as a PEFT adapter folder (+ the head and, by default, the base model)",
+        description="Write OUT/ with adapter_config.json + adapter_model.safetensors (PEFT LoRA on transformers' "
+        "ASTModel), head.safetensors + head.json (pooling and classes), and base/ (the backbone as a transformers "
+        "checkpoint). Only LoRA adapters can be expressed in PEFT; other methods are refused (use `export onnx`).",
+    )
+    peft.add_argument("adapter", type=Path, help="adapter file written by `train`")
+    peft.add_argument("out", type=Path, help="output folder")
+    peft.add_argument("--no-base", dest="base", action="store_false",
+                      help="skip base/ (load the backbone named in adapter_config.json yourself)")
+    onnx = sub.add_parser(
+        "onnx", help="whole model (LoRA merged, other modules included) as ONNX: features in, logits out",
+        description="Write one ONNX file: input 'features' (batch, frames, mel bins) as `predict` computes them, "
+        "output 'logits' (batch, classes); the batch axis is dynamic. Class names and the frontend settings are "
+        "stored in the model's metadata.",
+    )
+    onnx.add_argument("adapter", type=Path, help="adapter file written by `train`")
+    onnx.add_argument("out", type=Path, help="output .onnx file")
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    if args.format == "peft":
+        from ..export.peft import export_peft
+
+        out = export_peft(args.adapter, args.out, include_base=args.base)
+    else:
+        from ..export.onnx import export_onnx
+
+        out = export_onnx(args.adapter, args.out, opset=args.opset)
+    print(f"wrote {out}")
