@@ -249,6 +249,10 @@ def test_paper_setup_sets_every_option_in_one_place():
     assert (adapter.init, adapter.convpass_conv, prompt.init, prompt.distillation_token, lora.init) == (
         "paper", False, "paper", False, "paper")
     assert resolve(methods) == methods  # idempotent: the CLI and run_training both resolve
+    soft_mhsa, dense_houlsby = resolve_methods(
+        resolve(TrainConfig(dataset="esc50", data_root="x", setup="paper",
+                            method=[{"method": "soft_moa"}, {"method": "dense_moa", "layout": "houlsby"}])).method)
+    assert (soft_mhsa.published_double_add, dense_houlsby.published_double_add) == (True, False)
     default = resolve(TrainConfig(dataset="us8k", data_root="x", method="dpt"))
     assert (default.pos_embed, default.selection, default.protocol, default.channels) == ("adapt", None, "default",
                                                                                           "mean")

@@ -17,8 +17,9 @@ configs (and so into the adapter file), so ``load_adapter`` rebuilds the same fu
 * linear probing runs the plain loop (``embedding_cache: false``) where the dataset uses
   SpecAugment, so the augmentation applies as published;
 * every method: ``init: paper``; prompts without the distillation token; Convpass with its
-  convolution discarded (``convpass_conv: false``). Sequential-before adapters and BitFit
-  already compute the published function by default.
+  convolution discarded (``convpass_conv: false``); Pfeiffer-MHSA mixtures of adapters
+  add their output twice, as the published MoA code does (``published_double_add``).
+  Sequential-before adapters and BitFit already compute the published function by default.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..petl import AdapterConfig, LoRAConfig, MethodConfig, PrefixConfig, PromptConfig, resolve_methods
+from ..petl.config import MixtureConfig
 from .config import TrainConfig
 
 # Training options the paper setup fixes; a different value set by the user is refused.
@@ -41,6 +43,8 @@ def paper_method(config: MethodConfig) -> MethodConfig:
         return dataclasses.replace(config, init="paper", convpass_conv=config.module != "convpass")
     if isinstance(config, (LoRAConfig, PrefixConfig)):
         return dataclasses.replace(config, init="paper")
+    if isinstance(config, MixtureConfig) and config.sublayers() == ("mhsa",):
+        return dataclasses.replace(config, published_double_add=True)
     return config  # full, linear, BitFit: nothing new to initialise or rewire
 
 
