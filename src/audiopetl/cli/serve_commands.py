@@ -79,8 +79,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                       help="skip base/ (load the backbone named in adapter_config.json yourself)")
     onnx = sub.add_parser(
         "onnx", help="whole model (LoRA merged, other modules included) as ONNX: features in, logits out",
-        description="Write one ONNX file: input 'features' (batch, frames, mel bins) as `predict` computes them, "
-        "output 'logits' (batch, classes); the batch axis is dynamic. Class names and the frontend settings are "
+        description="Write one ONNX file: input 'features' as `predict` computes them (AST: (batch, frames, mel "
+        "bins); wav2vec 2.0/HuBERT/WavLM: (batch, frames, conv channels + 1), the frozen feature encoder's output "
+        "and a validity column, the feature encoder not included), output 'logits' (batch, classes); the batch axis is dynamic. Class names and the frontend settings are "
         "stored in the model's metadata.",
     )
     onnx.add_argument("adapter", type=Path, help="adapter file written by `train`")
