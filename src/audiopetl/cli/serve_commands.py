@@ -71,7 +71,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "peft", help="LoRA adapter as a PEFT adapter folder (+ the head and, by default, the base model)",
         description="Write OUT/ with adapter_config.json + adapter_model.safetensors (PEFT LoRA on transformers' "
         "ASTModel), head.safetensors + head.json (pooling and classes), and base/ (the backbone as a transformers "
-        "checkpoint). Only LoRA adapters can be expressed in PEFT; other methods are refused (use `export onnx`).",
+        "checkpoint). Only LoRA adapters on AST can be expressed in PEFT; other methods and adapters on speech "
+        "backbones (wav2vec 2.0, HuBERT, WavLM) are refused (use `export onnx`).",
     )
     peft.add_argument("adapter", type=Path, help="adapter file written by `train`")
     peft.add_argument("out", type=Path, help="output folder")
