@@ -7,6 +7,7 @@ from it. Heavy imports happen inside the run functions so ``--help`` stays insta
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 # Method options the CLI exposes, mapped to the method-config field they set.
@@ -83,6 +84,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=_UNSET, help="dataset folder (see `audiopetl data info NAME`)")
     parser.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/DATASET-METHOD)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="data-parallel processes on this machine (one GPU each, or CPU processes with gloo); "
+                        "--batch-size stays the global batch. Multi-node: torchrun -m audiopetl train (README)")
     _add_method_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default=_UNSET,
@@ -135,7 +139,7 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(item for item in text.split(",") if item)
 
 
-_NOT_CONFIG = {"command", "config", "run_dir", "resume", "method", "residual", *METHOD_OPTIONS}
+_NOT_CONFIG = {"command", "config", "run_dir", "resume", "nproc", "method", "residual", *METHOD_OPTIONS}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -165,7 +169,19 @@ def run_train(args: argparse.Namespace) -> dict:
     run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(config.method)}"
     if args.resume and not run_dir.exists():
         raise ValueError(f"--resume: run directory {run_dir} does not exist")
-    summary = run_training(config, run_dir, resume=args.resume)
+    if args.nproc > 1:
+        import json
+
+        from ..train import distributed
+
+        if distributed.requested():
+            raise ValueError("--nproc: this process is already one of several ranks (torchrun); drop --nproc")
+        distributed.spawn(run_training, args.nproc, config, run_dir, args.resume)
+        summary = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        summary = run_training(config, run_dir, resume=args.resume)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return None  # started by torchrun: rank 0 reports
     print(f"run directory: {run_dir}")
     return {k: summary[k] for k in ("dataset", "test_accuracy_mean", "test_accuracy_std", "trainable_parameters")}
 
@@ -309,29 +325,82 @@ def run_cache(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- reproduce / report / demo
+REPRODUCE_DESCRIPTION = """Run a paper table or figure as a resumable sweep of training runs.
+
+Launchers (--launcher):
+  local               one run after another in this process (default)
+  local --workers N   N concurrent worker processes: one visible GPU each (CUDA_VISIBLE_DEVICES,
+                      round robin), or on a CPU-only machine the cores shared out; logs in RUN/run.log
+  slurm               one sbatch job per run (script RUN/job.sbatch, log RUN/slurm-JOBID.log);
+                      resources from --partition/--time/--gpus/--cpus/--mem/--sbatch or the
+                      recipe's `slurm:` block; returns after submitting unless --wait
+
+Starting the same command again skips finished runs, leaves running ones alone, resumes
+interrupted ones from their checkpoint and retries failed ones; --run RUN_ID retries one
+alone. --status prints done/running/failed/pending per run; sweep.json in the runs folder
+keeps the same (the report reads it)."""
+
+
 def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     from ..experiments.recipes import recipe_names
 
-    parser.add_argument("table", choices=recipe_names(), help="paper experiment to run")
+    parser.description = REPRODUCE_DESCRIPTION
+    parser.formatter_class = _RawDescriptionDefaults
+    parser.add_argument("table", help=f"paper experiment to run: {', '.join(recipe_names())}, or a recipe YAML file")
     parser.add_argument("--data", action="append", default=[], metavar="DATASET=PATH",
                         help="dataset folder, repeat per dataset (e.g. --data esc50=ESC-50-master)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: runs/TABLE")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training option for every run (e.g. --set epochs=5)")
     parser.add_argument("--only", default=None, help="comma-separated datasets to run (default: all in the recipe)")
+    parser.add_argument("--run", action="append", default=None, metavar="RUN_ID",
+                        help="only this run (a glob such as 'esc50/*' works); repeat for several")
     parser.add_argument("--dry-run", action="store_true", help="list the runs without training")
+    parser.add_argument("--status", action="store_true", help="print done/running/failed/pending per run and exit")
+    launch = parser.add_argument_group("launcher")
+    launch.add_argument("--launcher", choices=("local", "slurm"), default="local", help="where runs execute")
+    launch.add_argument("--workers", type=int, default=1, help="local: concurrent worker processes")
+    launch.add_argument("--wait", action="store_true", help="slurm: wait until every job has left the queue")
+    slurm = parser.add_argument_group("slurm (override the recipe's `slurm:` block)")
+    slurm.add_argument("--partition", default=None, help="#SBATCH --partition")
+    slurm.add_argument("--time", default=None, help="#SBATCH --time, e.g. 04:00:00")
+    slurm.add_argument("--gpus", type=int, default=None, help="#SBATCH --gpus per job")
+    slurm.add_argument("--cpus", type=int, default=None, help="#SBATCH --cpus-per-task")
+    slurm.add_argument("--mem", default=None, help="#SBATCH --mem, e.g. 32G")
+    slurm.add_argument("--sbatch", action="append", default=[], metavar="LINE",
+                       help="extra #SBATCH line, e.g. --sbatch=--account=abc; repeatable")
+
+
+class _RawDescriptionDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def run_reproduce(args: argparse.Namespace) -> None:
     import yaml
 
-    from ..experiments.recipes import load_recipe, run_sweep
+    from ..experiments.launchers import make_launcher
+    from ..experiments.recipes import format_status, load_recipe, run_sweep, select_runs, sweep_status
 
+    recipe = load_recipe(args.table)
     roots = dict(_key_value(item, "--data") for item in args.data)
     overrides = {k: yaml.safe_load(v) for k, v in (_key_value(item, "--set") for item in args.set)}
     only = args.only.split(",") if args.only else None
-    runs_dir = args.runs_dir or Path("runs") / args.table
-    run_sweep(load_recipe(args.table), roots, runs_dir, overrides=overrides, only=only, dry_run=args.dry_run)
+    runs_dir = args.runs_dir or Path("runs") / recipe["name"]
+    if args.status:
+        print(format_status(sweep_status(select_runs(recipe, overrides, only, args.run), runs_dir)))
+        return
+    slurm = dict(recipe.get("slurm") or {})
+    for key in ("partition", "time", "gpus", "cpus", "mem"):
+        if getattr(args, key) is not None:
+            slurm[key] = getattr(args, key)
+    if args.sbatch:
+        slurm["extra"] = [*slurm.get("extra", []), *args.sbatch]
+    launcher = make_launcher(args.launcher, workers=args.workers, slurm=slurm, wait=args.wait)
+    run_sweep(recipe, roots, runs_dir, overrides=overrides, only=only, dry_run=args.dry_run, launcher=launcher,
+              select=args.run)
 
 
 def _key_value(item: str, option: str) -> tuple[str, str]:

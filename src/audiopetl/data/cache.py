@@ -8,7 +8,9 @@ manifest, under `<cache dir>/features/`. The key hashes every file's path, size 
 mtime (ns) with the frontend settings, so a touched file or a changed setting gives a new
 entry. The data file is built under a temporary name, fsynced and renamed; the manifest
 is written the same way and last. Only an entry with a manifest is trusted, so a build
-that dies halfway leaves nothing a later run would use.
+that dies halfway leaves nothing a later run would use. Concurrent processes, on one host
+or several sharing the cache over NFS, build an entry once: the builder holds
+`<key>.lock` (:class:`audiopetl.buildlock.BuildLock`, a heartbeat lock file, not flock).
 
 Unusable files (undecodable, empty, NaN/Inf, silent) are recorded in the manifest, so a
 rerun reports them, or skips them, without decoding anything again.
@@ -29,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import atomic_path
+from ..buildlock import BuildLock
 from ..frontend import AudioError, FbankConfig, Frontend, as_frontend, load_audio
 from .base import DatasetIndex
 
@@ -118,7 +121,12 @@ class FeatureCache:
         paths = [os.path.abspath(p) for p in paths]
         config = as_frontend(config)
         key = self.key(paths, config)
-        manifest = self._trusted_manifest(key) or self._build(key, paths, config, progress)
+        manifest = self._trusted_manifest(key)
+        if manifest is None:
+            # Concurrent runs (sweep workers, Slurm jobs, DDP ranks) build an entry once: the
+            # first takes the lock, the others wait and then find the finished entry.
+            with BuildLock(self.dir / f"{key}.lock", on_wait=_waiting(key)):
+                manifest = self._trusted_manifest(key) or self._build(key, paths, config, progress)
         bad = [(paths[i], reason) for i, reason in manifest["bad"]]
         if bad and not skip_bad_audio:
             raise BadAudioError(bad)
@@ -158,6 +166,13 @@ class FeatureCache:
         with atomic_path(self.dir / f"{key}.json") as temp:
             temp.write_text(json.dumps(manifest, indent=1))
         return manifest
+
+
+def _waiting(key: str):
+    def report(owner: dict) -> None:
+        print(f"feature cache entry {key[:16]} is being built by {owner.get('host')}:{owner.get('pid')}; waiting")
+
+    return report
 
 
 @torch.no_grad()

@@ -3,23 +3,31 @@
 A recipe (``recipes/NAME.yaml``) names its datasets, its rows (label -> method spec),
 optionally few-shot sizes per dataset or parameter budgets, and shared training options.
 :func:`expand` turns it into runs, each with its own directory under the sweep folder;
-:func:`run_sweep` trains them in order, skipping finished runs and resuming interrupted
-ones, so a sweep can be stopped and started again at any time.
+:func:`run_sweep` hands the unfinished ones to a launcher (here, local workers or Slurm:
+:mod:`.launchers`), skipping finished runs and resuming interrupted ones, so a sweep can be
+stopped and started again at any time. ``sweep.json`` in the sweep folder lists the runs
+with their labels, state (done / running / failed / pending) and log, and the counts.
+A recipe's optional ``slurm:`` block sets the resources of its Slurm jobs.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import threading
+import time
 from dataclasses import dataclass, field
 from importlib import resources
+from fnmatch import fnmatch
 from pathlib import Path
 
 import yaml
 
-from ..train import TrainConfig, is_finished, resolve, run_training
+from ..train import METRICS, TrainConfig, is_finished, resolve, run_training
 from ..train.checkpoint import write_json
+from .launchers import STATES, LocalLauncher, run_state, write_job
 
-RECIPE_KEYS = {"title", "datasets", "methods", "few_shot", "budgets", "base"}
+RECIPE_KEYS = {"title", "datasets", "methods", "few_shot", "budgets", "base", "slurm"}
 SWEEP_FILE = "sweep.json"
 
 
@@ -90,6 +98,23 @@ def expand(recipe: dict, overrides: dict | None = None) -> list[Run]:
     return runs
 
 
+def select_runs(recipe: dict, overrides: dict | None = None, only: list[str] | None = None,
+                select: list[str] | None = None) -> list[Run]:
+    """The recipe's runs, narrowed to datasets ``only`` and run ids matching ``select`` (globs)."""
+    runs = expand(recipe, overrides)
+    if only is not None:
+        unknown = sorted(set(only) - set(recipe["datasets"]))
+        if unknown:
+            raise ValueError(f"--only {unknown}: not in this recipe's datasets {recipe['datasets']}")
+        runs = [r for r in runs if r.labels["dataset"] in only]
+    if select:
+        unmatched = [p for p in select if not any(fnmatch(r.run_id, p) for r in runs)]
+        if unmatched:
+            raise ValueError(f"--run {unmatched}: no such run; runs: {[r.run_id for r in runs]}")
+        runs = [r for r in runs if any(fnmatch(r.run_id, p) for p in select)]
+    return runs
+
+
 def run_sweep(
     recipe: dict,
     roots: dict[str, str],
@@ -97,14 +122,16 @@ def run_sweep(
     overrides: dict | None = None,
     only: list[str] | None = None,
     dry_run: bool = False,
+    launcher=None,
+    select: list[str] | None = None,
 ) -> list[dict]:
-    """Train every run of ``recipe`` under ``runs_dir``; finished runs are skipped."""
-    runs = expand(recipe, overrides)
-    if only is not None:
-        unknown = sorted(set(only) - set(recipe["datasets"]))
-        if unknown:
-            raise ValueError(f"--only {unknown}: not in this recipe's datasets {recipe['datasets']}")
-        runs = [r for r in runs if r.labels["dataset"] in only]
+    """Train every run of ``recipe`` under ``runs_dir`` with ``launcher`` (default: one after
+    another here); finished runs and runs still running elsewhere are skipped, interrupted and
+    failed ones (re)started. Returns the metrics of the runs this call finished; raises
+    ``RuntimeError`` naming each failed run and its log once the others are done."""
+    launcher = launcher or LocalLauncher()
+    runs = select_runs(recipe, overrides, only, select)
+    listed = select_runs(recipe, overrides, only) if select else runs  # sweep.json keeps every run
     needed = sorted({r.labels["dataset"] for r in runs})
     missing = [d for d in needed if d not in roots]
     if missing and not dry_run:
@@ -113,18 +140,110 @@ def run_sweep(
             f"(or --only to run a subset)"
         )
     # Validate every configuration before the first (possibly hours-long) run starts.
-    configs = [resolve(TrainConfig.from_dict({**r.options, "data_root": roots.get(r.labels["dataset"], "")})) for r in runs]
+    options = [{**r.options, "data_root": roots.get(r.labels["dataset"], "")} for r in runs]
+    for values in options:
+        resolve(TrainConfig.from_dict(values))
     runs_dir = Path(runs_dir)
-    if not dry_run:
-        write_json(
-            runs_dir / SWEEP_FILE,
-            {"recipe": recipe["name"], "title": recipe["title"], "runs": [{"id": r.run_id, **r.labels} for r in runs]},
+    states = {r.run_id: run_state(runs_dir / r.run_id) for r in runs}
+    todo = [r for r in runs if states[r.run_id][0] in ("pending", "failed")]
+    for number, run in enumerate(runs, start=1):
+        state, details = states[run.run_id]
+        action = {"done": "done", "running": f"running ({_where(details)}), left alone"}.get(
+            state, "would run" if dry_run else ("resuming" if details.get("interrupted") else "to run")
         )
-    summaries = []
-    for number, (run, config) in enumerate(zip(runs, configs), start=1):
-        run_dir = runs_dir / run.run_id
-        status = "done" if is_finished(run_dir) else ("would run" if dry_run else "running")
-        print(f"[{number}/{len(runs)}] {run.run_id}: {status}")
-        if status == "running":
-            summaries.append(run_training(config, run_dir, resume=True))
+        print(f"[{number}/{len(runs)}] {run.run_id}: {action}")
+    if dry_run:
+        return []
+    progress = SweepProgress(recipe, listed, runs_dir)
+    for run, values in zip(runs, options):
+        if run in todo:
+            write_job(runs_dir / run.run_id, values)
+    print(f"launcher: {launcher.describe()}; {len(todo)} of {len(runs)} run(s) to start")
+    progress.write()
+    launcher.launch([runs_dir / r.run_id for r in todo], progress.finished, train=_train)
+    counts = progress.write()
+    print(", ".join(f"{counts[s]} {s}" for s in STATES) + f" (of {len(listed)}); details: {runs_dir / SWEEP_FILE}")
+    summaries = [
+        json.loads((runs_dir / r.run_id / METRICS).read_text()) for r in todo if is_finished(runs_dir / r.run_id)
+    ]
+    failed = [(r.run_id, run_state(runs_dir / r.run_id)[1]) for r in todo if run_state(runs_dir / r.run_id)[0] == "failed"]
+    if failed:
+        listing = "\n".join(f"  {run_id}: {d.get('error', '?')} (log: {d.get('log', '?')})" for run_id, d in failed)
+        raise RuntimeError(
+            f"{len(failed)} run(s) failed ({counts['done']}/{len(listed)} done):\n{listing}\n"
+            f"retry one alone with --run RUN_ID (the same command retries them all)"
+        )
     return summaries
+
+
+def _train(*args, **kwargs):
+    return run_training(*args, **kwargs)  # looked up at call time (tests replace run_training)
+
+
+def _where(details: dict) -> str:
+    if details.get("slurm_job_id"):
+        return f"Slurm job {details['slurm_job_id']}"
+    return f"{details.get('host')}:{details.get('pid')}"
+
+
+class SweepProgress:
+    """Counts of done / running / failed / pending runs, printed and kept in ``sweep.json``."""
+
+    def __init__(self, recipe: dict, runs: list[Run], runs_dir: Path):
+        self.recipe, self.runs, self.runs_dir = recipe, runs, runs_dir
+        self.lock = threading.Lock()
+
+    def finished(self, run_dir: Path) -> None:
+        with self.lock:
+            counts = self.write()
+            state, details = run_state(run_dir)
+            note = f" (log: {details.get('log')})" if state == "failed" else ""
+            print(
+                f"{run_dir.relative_to(self.runs_dir)}: {state}{note} -- {counts['done']}/{len(self.runs)} done, "
+                f"{counts['running']} running, {counts['failed']} failed, {counts['pending']} pending",
+                flush=True,
+            )
+
+    def write(self) -> dict:
+        return write_sweep_file(self.recipe, self.runs, self.runs_dir)
+
+
+def sweep_status(runs: list[Run], runs_dir: str | Path) -> dict[str, tuple[str, dict]]:
+    """run id -> (done / running / failed / pending, details) for every run."""
+    return {r.run_id: run_state(Path(runs_dir) / r.run_id) for r in runs}
+
+
+def write_sweep_file(recipe: dict, runs: list[Run], runs_dir: Path) -> dict:
+    """``sweep.json``: the runs with their labels (what the report groups by), each run's state
+    and log, and the counts per state. Returns the counts."""
+    status = sweep_status(runs, runs_dir)
+    counts = {state: sum(s == state for s, _ in status.values()) for state in STATES}
+    write_json(
+        runs_dir / SWEEP_FILE,
+        {
+            "recipe": recipe["name"],
+            "title": recipe["title"],
+            "runs": [{"id": r.run_id, **r.labels} for r in runs],
+            "status": {run_id: {"state": s, **{k: d[k] for k in ("log", "error", "slurm_job_id") if k in d}}
+                       for run_id, (s, d) in status.items()},
+            "progress": {**counts, "total": len(runs), "updated": time.time()},
+        },
+    )
+    return counts
+
+
+def format_status(status: dict[str, tuple[str, dict]]) -> str:
+    """One line per run and a total line, for ``reproduce --status``."""
+    lines = []
+    for run_id, (state, details) in status.items():
+        extra = ""
+        if state == "failed":
+            extra = f"  {details.get('error', '')}  log: {details.get('log')}"
+        elif state == "running":
+            extra = f"  {_where(details)}"
+        elif details.get("interrupted"):
+            extra = "  interrupted; resumes on the next start"
+        lines.append(f"{state:8s} {run_id}{extra}")
+    counts = {state: sum(s == state for s, _ in status.values()) for state in STATES}
+    lines.append(", ".join(f"{counts[s]} {s}" for s in STATES) + f" (of {len(status)})")
+    return "\n".join(lines)

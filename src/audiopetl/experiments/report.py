@@ -72,6 +72,16 @@ def results_table(sweep: dict, runs: list[dict]) -> tuple[list[str], list[list[s
     return header, rows
 
 
+def _progress_line(sweep: dict, finished: int) -> list[str]:
+    """How complete the sweep is, from sweep.json's counts (written by `reproduce`)."""
+    progress = sweep.get("progress")
+    total = len(sweep["runs"])
+    if finished == total and not (progress or {}).get("failed"):
+        return []
+    failed = f", {progress['failed']} failed" if progress and progress.get("failed") else ""
+    return [f"Partial sweep: {finished} of {total} runs finished{failed} (`audiopetl reproduce ... --status`)."]
+
+
 def write_report(runs_dir: str | Path, out: str | Path, tsne: bool = False) -> Path:
     sweep, runs = collect(runs_dir)
     if not runs:
@@ -84,6 +94,7 @@ def write_report(runs_dir: str | Path, out: str | Path, tsne: bool = False) -> P
         "",
         "Test accuracy (%) of our runs; the paper's published figure in parentheses where it gives one.",
         "Parameters: trainable, counted as the paper does (head and final LayerNorm excluded except for Linear).",
+        *_progress_line(sweep, len(runs)),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

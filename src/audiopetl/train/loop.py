@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..petl.model import PETLModel
+from . import distributed
 from .checkpoint import copy_state, load_checkpoint, save_checkpoint, write_json
 
 CHECKPOINT = "checkpoint.pt"
@@ -84,20 +85,26 @@ def autocast(settings: LoopSettings):
 
 @torch.no_grad()
 def evaluate(forward: Callable, batches: Batches, settings: LoopSettings) -> dict:
-    """Accuracy and mean loss of ``forward`` on ``batches``; also returns the predictions."""
+    """Accuracy and mean loss of ``forward`` on ``batches``; also returns the predictions.
+
+    Under data parallelism each rank scores its contiguous share; the results are gathered.
+    """
     predictions, losses = [], []
-    for inputs, labels in batches.iterate(settings.batch_size):
+    shard = Batches(batches.inputs, batches.labels, batches.indices[distributed.share(len(batches))])
+    for inputs, labels in shard.iterate(settings.batch_size):
         with autocast(settings):
             logits = forward(inputs.to(settings.device)).float()
         labels = labels.to(settings.device)
         losses.append(F.cross_entropy(logits, labels, reduction="sum").item())
         predictions.append(logits.argmax(-1).cpu())
     predicted = torch.cat(predictions).numpy() if predictions else np.zeros(0, dtype=np.int64)
+    predicted = np.concatenate(distributed.gather(predicted))
+    (loss_sum,) = distributed.all_sum(sum(losses))
     truth = batches.labels[batches.indices]
     count = max(1, len(truth))
     return {
         "accuracy": float((predicted == truth).mean()) if len(truth) else float("nan"),
-        "loss": sum(losses) / count,
+        "loss": loss_sum / count,
         "predictions": predicted,
     }
 
@@ -122,6 +129,8 @@ def fit(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     forward = model if forward is None else forward
+    ranks = distributed.current()
+    train_forward = distributed.wrap(forward, settings.device)  # DDP when several ranks; ``forward`` evaluates
     params = [p for p in model.parameters() if p.requires_grad]
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if isinstance(model, PETLModel):
@@ -148,10 +157,10 @@ def fit(
         generator.set_state(state["generator"])
         best = state["best"]
         start_epoch = state["epoch"] + 1
-    elif (run_dir / LOG).exists():
+    elif (run_dir / LOG).exists() and ranks.is_main:
         (run_dir / LOG).unlink()  # a fresh run must not append to a stale log
 
-    writer = _tensorboard(run_dir) if settings.tensorboard else None
+    writer = _tensorboard(run_dir) if settings.tensorboard and ranks.is_main else None
     for epoch in range(start_epoch, settings.epochs + 1):
         model.train()
         started = time.perf_counter()
@@ -161,27 +170,32 @@ def fit(
             train.iterate(settings.batch_size, generator),
             total=steps,
             desc=f"{run_dir.name} epoch {epoch}/{settings.epochs}",
-            disable=not settings.progress,
+            disable=not (settings.progress and ranks.is_main),
             leave=False,
         )
         optimizer.zero_grad(set_to_none=True)
         for step, (inputs, labels) in enumerate(bar, start=1):
             inputs, labels = inputs.to(settings.device), labels.to(settings.device)
             if augment is not None:
-                inputs = augment(inputs, generator)
+                inputs = augment(inputs, generator)  # on the whole global batch: same masks on every rank
+            count = len(labels)
+            inputs, labels = distributed.local_part(inputs, labels)
             with autocast(settings):
-                logits = forward(inputs).float()
-            loss = F.cross_entropy(logits, labels)
-            (loss / settings.grad_accum).backward()
+                logits = train_forward(inputs).float()
+            # Sum over this rank's clips / global count * ranks: DDP's mean over ranks then gives
+            # the global-batch mean, whatever share each rank had.
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+            (loss_sum / count * ranks.world_size / settings.grad_accum).backward()
             if step % settings.grad_accum == 0 or step == steps:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            total_loss += loss.item() * len(labels)
+            total_loss += loss_sum.item()
             correct += int((logits.argmax(-1) == labels).sum())
             seen += len(labels)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", clips_per_s=f"{seen / (time.perf_counter() - started):.1f}")
         elapsed = time.perf_counter() - started
+        total_loss, correct, seen = distributed.all_sum(total_loss, correct, seen)
 
         model.eval()
         valid_metrics = evaluate(forward, valid, settings)
@@ -197,6 +211,8 @@ def fit(
             "clips_per_s": seen / elapsed if elapsed > 0 else float("nan"),
             "seconds": elapsed,
         }
+        if not ranks.is_main:
+            continue
         with open(run_dir / LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if writer is not None:
@@ -236,7 +252,8 @@ def fit(
         "num_valid": len(valid),
         "num_test": len(test),
     }
-    write_json(run_dir / "metrics.json", metrics)
+    if ranks.is_main:
+        write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 

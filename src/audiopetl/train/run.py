@@ -23,6 +23,7 @@ import yaml
 from ..backbone import load_backbone
 from ..data import SpecAugment, few_shot_subset, get_dataset, index_features, write_bad_audio_report
 from ..petl import PETLModel, build_model, learning_rate_family, resolve_methods
+from . import distributed
 from .checkpoint import write_json
 from .config import LEARNING_RATES, TrainConfig
 from .embeddings import LinearProbeForward, pooled_embeddings
@@ -53,14 +54,28 @@ def is_finished(run_dir: str | Path) -> bool:
 
 
 def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train ``config`` on every selected split; returns (and writes) the run's metrics."""
+    """Train ``config`` on every selected split; returns (and writes) the run's metrics.
+
+    Started as one of several ranks (torchrun, ``--nproc``) it trains data-parallel
+    (:mod:`.distributed`); only rank 0 writes files.
+    """
     config = resolve(config)
-    run_dir = Path(run_dir)
+    ranks, device, created_group = distributed.setup(resolve_device(config.device))
+    try:
+        summary = _run_training(config, Path(run_dir), resume, ranks, device)
+    except BaseException:
+        distributed.teardown(created_group, wait=False)
+        raise
+    distributed.teardown(created_group)
+    return summary
+
+
+def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, device: torch.device) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    if ranks.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
 
     methods = resolve_methods(config.method)
-    device = resolve_device(config.device)
     settings = LoopSettings(
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -91,7 +106,7 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
     if not frontend.spectrogram:
         frontend.to(device)  # a convolutional feature encoder is worth the accelerator; filterbanks stay on the CPU
     data = index_features(index, frontend, config.cache_dir, config.skip_bad_audio, config.progress)
-    if data.bad:
+    if data.bad and ranks.is_main:
         write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
     features, labels = data.features, data.labels
     linear_probe = config.embedding_cache and all(m.to_dict()["method"] == "linear" for m in methods)
@@ -144,7 +159,8 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
             augment=augment,
             resume=resume,
         )
-        model.save_adapter(split_dir / ADAPTER, dtype=config.adapter_dtype)
+        if ranks.is_main:
+            model.save_adapter(split_dir / ADAPTER, dtype=config.adapter_dtype)
         metrics.update(split=split.name, **_parameter_counts(model))
         results.append(metrics)
 
@@ -159,7 +175,8 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
         "paper_parameters": results[0]["paper_parameters"],
         "num_bad_audio": len(data.bad),
     }
-    write_json(run_dir / METRICS, summary)
+    if ranks.is_main:
+        write_json(run_dir / METRICS, summary)
     return summary
 
 

@@ -1,0 +1,5 @@
+"""``python -m audiopetl ...`` (and ``torchrun -m audiopetl train ...``): the ``audiopetl`` command."""
+
+from .cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Data-parallel training on CPU with gloo: 2 ranks at global batch B train the same adapter as
+1 process at batch B (LoRA through `--nproc`, an adapter method through torchrun), and a killed
+2-rank run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from audiopetl.cli.main import main
+from audiopetl.experiments.synthetic import make_synthetic_dataset
+from audiopetl.train import ADAPTER, TrainConfig, distributed, run_training
+from audiopetl.train import loop as loop_module
+
+LORA = {"method": "lora", "targets": ["q", "v"], "reduction_rate": 16, "alpha": 8.0}
+# Float tolerance: DDP sums two ranks' partial gradients where one process sums one batch.
+TOLERANCE = dict(rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("ddp-data"), clips_per_class=8, seconds=1.0, seed=4)
+
+
+def options(dataset, cache, method, batch_size) -> dict:
+    # batch 9 does not divide by 2 ranks: shares of 5 and 4 clips, and a short last batch.
+    return dict(dataset="folder", data_root=str(dataset), backbone="tiny-random", max_frames=100, epochs=3,
+                batch_size=batch_size, cache_dir=str(cache), progress=False, device="cpu", precision="fp32",
+                method=method, specaugment=True)
+
+
+def adapters(run_dir: Path) -> dict[str, torch.Tensor]:
+    (path,) = run_dir.glob(f"*/{ADAPTER}")
+    return load_file(path)
+
+
+def assert_same_run(ours: Path, theirs: Path) -> None:
+    a, b = adapters(ours), adapters(theirs)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], **TOLERANCE, msg=name)
+    for x, y in zip(json.loads((ours / "metrics.json").read_text())["splits"],
+                    json.loads((theirs / "metrics.json").read_text())["splits"]):
+        assert x["test_accuracy"] == y["test_accuracy"] and x["best_epoch"] == y["best_epoch"]
+        assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def one_process_lora(dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp-ref")
+    run_training(TrainConfig(**options(dataset, root / "cache", LORA, 9)), root / "run")
+    return root / "run"
+
+
+def test_shares_of_a_global_batch_are_contiguous_and_cover_it():
+    shares = [distributed.share(10, distributed.Ranks(rank, 3)) for rank in range(3)]
+    assert [(s.start, s.stop) for s in shares] == [(0, 4), (4, 7), (7, 10)]
+    assert distributed.share(1, distributed.Ranks(1, 2)) == slice(1, 1)  # an empty share is allowed
+
+
+def test_two_processes_train_the_same_lora_as_one(dataset, one_process_lora, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({k: v for k, v in options(dataset, tmp_path / "cache", LORA, 9).items()}))
+    assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "ddp"), "--nproc", "2"]) == 0
+    assert_same_run(tmp_path / "ddp", one_process_lora)
+    assert len(list((tmp_path / "cache" / "features").glob("*.f32"))) == 1  # built once, by one rank
+
+
+def test_torchrun_trains_the_same_adapter_as_one_process(dataset, tmp_path):
+    values = options(dataset, tmp_path / "cache", "bottleneck_pf_par", 8)
+    run_training(TrainConfig(**values), tmp_path / "one")
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(values))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "audiopetl", "train", "--config", str(config), "--run-dir", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1  # rank 0 alone reports
+    assert_same_run(tmp_path / "two", tmp_path / "one")
+
+
+def _train_and_die_after_epoch_2(config: TrainConfig, run_dir: Path) -> None:
+    real_save = loop_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["epoch"] == 2:
+            os._exit(1)  # a kill: no clean-up, no exception handling
+
+    loop_module.save_checkpoint = save_then_die
+    run_training(config, run_dir)
+
+
+def test_a_killed_two_process_run_resumes_exactly(dataset, one_process_lora, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = TrainConfig(**options(dataset, tmp_path / "cache", LORA, 9))
+    with pytest.raises(Exception):
+        distributed.spawn(_train_and_die_after_epoch_2, 2, config, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    distributed.spawn(run_training, 2, config, tmp_path / "run", True)
+    (log,) = (tmp_path / "run").glob("*/log.jsonl")
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    assert_same_run(tmp_path / "run", one_process_lora)
