@@ -78,12 +78,16 @@ _UNSET = argparse.SUPPRESS
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from ..backbone import POS_EMBED_MODES
     from ..petl.files import STORAGE_DTYPES
+    from ..frontend.audio import CHANNEL_POLICIES
+    from ..train.config import SETUPS
+    from ..train.loop import SELECTIONS
     from ..train.precision import PRECISIONS
 
     parser.add_argument("--config", type=Path, help="YAML file of training options; flags override it")
     parser.add_argument("--dataset", default=_UNSET, help="dataset name (see `audiopetl data list`)")
     parser.add_argument("--data-root", default=_UNSET, help="dataset folder (see `audiopetl data info NAME`)")
-    parser.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/DATASET-METHOD)")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="output folder (default: runs/DATASET-METHOD, with -paper in the paper setup)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --run-dir with the options recorded in its config.yaml "
                         "(only --no-progress, --tensorboard, --cache-dir may be added)")
@@ -92,6 +96,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "--batch-size stays the global batch. Multi-node: torchrun -m audiopetl train (README)")
     _add_method_arguments(parser)
     model = parser.add_argument_group("model")
+    parser.add_argument("--setup", choices=SETUPS, default=_UNSET,
+                        help="'default' (ours) or 'paper': reproduce the published code's setup (README: "
+                        "'Our default vs the paper's setup')")
     model.add_argument("--backbone", default=_UNSET,
                        help="hub id or local folder; its config.json's model_type picks AST, wav2vec 2.0, HuBERT or "
                             "WavLM; or a preset: 'tiny-random' (AST), 'tiny-random-wav2vec2', 'tiny-random-hubert', "
@@ -105,6 +112,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             "speech backbones: pos_conv, feature_projection")
     data = parser.add_argument_group("data")
     data.add_argument("--protocol", default=_UNSET, help="split protocol (US8K: default or reference)")
+    data.add_argument("--channels", choices=CHANNEL_POLICIES, default=_UNSET,
+                      help="multi-channel files: 'mean' of the channels (default) or the 'first' one")
     data.add_argument("--folds", default=_UNSET, type=lambda s: tuple(int(f) for f in _comma_list(s)),
                       help="comma-separated 1-based splits to run (default: all)")
     data.add_argument("--few-shot", type=int, default=_UNSET, help="K training clips per class")
@@ -122,6 +131,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--weight-decay", type=float, default=_UNSET, help="default: 0.1")
     optim.add_argument("--grad-accum", type=int, default=_UNSET, help="default: 1")
     optim.add_argument("--seed", type=int, default=_UNSET, help="default: 0")
+    optim.add_argument("--selection", choices=SELECTIONS, default=_UNSET,
+                       help="weights to test: 'best' validation epoch or 'last' epoch "
+                       "(default: best where the split has a validation set, else last)")
     system = parser.add_argument_group("system")
     system.add_argument("--adapter-dtype", choices=list(STORAGE_DTYPES), default=_UNSET,
                         help="storage of the adapter file: fp32 (default, exact) or fp16/bf16 (half the size)")
@@ -190,8 +202,10 @@ def resume_config_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> dict:
     from ..train import resolve, run_training
 
-    config = resolve(resume_config_from_args(args) if args.resume else config_from_args(args))
-    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(config.method)}"
+    given = resume_config_from_args(args) if args.resume else config_from_args(args)
+    config = resolve(given)  # the paper setup rewrites method options, so name the run from what was given
+    setup = "" if config.setup == "default" else f"-{config.setup}"
+    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(given.method)}{setup}"
     if args.nproc > 1:
         import json
 
@@ -390,6 +404,7 @@ keeps the same (the report reads it)."""
 
 def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     from ..experiments.recipes import recipe_names
+    from ..train.config import SETUPS
 
     parser.description = REPRODUCE_DESCRIPTION
     parser.formatter_class = _RawDescriptionDefaults
@@ -404,6 +419,9 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only this run (a glob such as 'esc50/*' works); repeat for several")
     parser.add_argument("--dry-run", action="store_true", help="list the runs without training")
     parser.add_argument("--status", action="store_true", help="print done/running/failed/pending per run and exit")
+    parser.add_argument("--setup", choices=SETUPS, default=None,
+                        help="'paper': the published code's setup; its runs go under RUNS_DIR/paper/ and "
+                        "`report` shows them beside the default runs (default: the recipe's, else default)")
     launch = parser.add_argument_group("launcher")
     launch.add_argument("--launcher", choices=("local", "slurm"), default="local", help="where runs execute")
     launch.add_argument("--workers", type=int, default=1, help="local: concurrent worker processes")
@@ -434,6 +452,8 @@ def run_reproduce(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.table)
     roots = dict(_key_value(item, "--data") for item in args.data)
     overrides = {k: yaml.safe_load(v) for k, v in (_key_value(item, "--set") for item in args.set)}
+    if args.setup is not None:
+        overrides["setup"] = args.setup
     only = args.only.split(",") if args.only else None
     runs_dir = args.runs_dir or Path("runs") / recipe["name"]
     if args.status:

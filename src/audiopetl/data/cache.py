@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..atomic import Temporary, WriteError, atomic_path, find_temporaries, remove_stale_temporaries
 from ..buildlock import BuildLock
-from ..frontend import AudioError, FbankConfig, Frontend, as_frontend, load_audio
+from ..frontend import AudioError, FbankConfig, Frontend, as_frontend, channel_policy, load_audio
 from ..integrity import file_checksum
 from .base import DatasetIndex
 
@@ -223,7 +223,7 @@ def _compute(paths: list[str], frontend: Frontend, out, progress: bool) -> list[
     # Decoding stays in this loop (no worker processes): on 2 cores they would only compete.
     for i, path in enumerate(tqdm(paths, desc="computing features", unit="clip", disable=not progress)):
         try:
-            wave = load_audio(path, sample_rate=frontend.sample_rate)
+            wave = load_audio(path, sample_rate=frontend.sample_rate, channels=channel_policy(frontend.settings))
         except AudioError as error:
             bad.append((i, error.reason))
             continue

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data import get_dataset, index_features
-from ..frontend import AudioError, Frontend, frontend_from_settings, load_audio
+from ..frontend import AudioError, Frontend, channel_policy, frontend_from_settings, load_audio
 from ..petl import PETLModel, load_adapter
 from ..train.loop import Batches, LoopSettings, autocast, evaluate
 from ..train.precision import DTYPES, resolve_device
@@ -84,12 +84,13 @@ def predict_files(
     frontend = frontend_from_settings(model.metadata["frontend"], model.backbone).to(device_)
     settings = LoopSettings(epochs=1, batch_size=batch_size, lr=1.0, device=device_, dtype=recorded_dtype(model))
     k = min(top_k, len(model.class_names))
+    channels = channel_policy(frontend.settings)
     results: dict[int, dict] = {}
     for start in range(0, len(files), batch_size):
         chunk, waves = [], []
         for i in range(start, min(start + batch_size, len(files))):
             try:
-                waves.append(torch.from_numpy(load_audio(files[i], sample_rate=frontend.sample_rate)))
+                waves.append(torch.from_numpy(load_audio(files[i], sample_rate=frontend.sample_rate, channels=channels)))
                 chunk.append(i)
             except AudioError as error:
                 print(f"audiopetl predict: {error}", file=sys.stderr)

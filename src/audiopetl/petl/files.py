@@ -124,13 +124,7 @@ def load_adapter(path: str | Path, backbone: AST | None = None, map_location: st
         raise AdapterFileError(f"{path}: cannot read the tensors ({err})") from err
     record = header["backbone"]
     if backbone is None:
-        from ..backbone.checkpoint import load_backbone
-
-        if not record.get("source"):
-            raise AdapterFileError(f"{path}: the file names no backbone; pass backbone=")
-        backbone = load_backbone(
-            record["source"], max_frames=record["config"].get("max_frames"), pos_embed=record.get("pos_embed") or "adapt"
-        ).to(map_location)
+        backbone = load_recorded_backbone(path, record).to(map_location)
     _check_backbone(path, record, backbone)
     try:
         methods = [method_from_dict(values) for values in header["methods"]]
@@ -148,6 +142,20 @@ def load_adapter(path: str | Path, backbone: AST | None = None, map_location: st
     _load_trained(path, model, tensors)
     _check_integrity(path, header, tensors)
     return model
+
+
+def load_recorded_backbone(path: str | Path, record: dict) -> torch.nn.Module:
+    """The backbone an adapter file's ``backbone`` record names, of any family (CPU).
+
+    ``max_frames`` and ``pos_embed`` are recorded for AST only; speech encoders take neither.
+    """
+    from ..backbone.checkpoint import load_backbone
+
+    if not record.get("source"):
+        raise AdapterFileError(f"{path}: the file names no backbone to load; pass backbone=")
+    return load_backbone(
+        record["source"], max_frames=record["config"].get("max_frames"), pos_embed=record.get("pos_embed") or "adapt"
+    )
 
 
 def _check_backbone(path: str | Path, record: dict, backbone: AST) -> None:

@@ -15,11 +15,15 @@ from typing import Any
 
 from ..backbone import POS_EMBED_MODES
 from ..dataclass_dict import from_dict
+from ..frontend.audio import CHANNEL_POLICIES
 from ..petl.files import STORAGE_DTYPES
+from .loop import SELECTIONS
 from .precision import PRECISIONS
 
 # Paper Sec. III-A and the reference hyper-parameters.
 LEARNING_RATES = {"adapter": 5e-3, "prompt": 1e-2, "linear": 1e-3, "full": 5e-5}
+# "default": our setup; "paper": what the published code ran (see train/setups.py).
+SETUPS = ("default", "paper")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class TrainConfig:
     data_root: str
     method: Any = "lora"  # preset name, a method dict, or a list of them (combinations)
     backbone: str = "MIT/ast-finetuned-audioset-10-10-0.4593"
+    setup: str = "default"  # "paper": reproduce the published setup (fixes the fields setups.py lists)
     pos_embed: str = "adapt"
     pooling: str = "mean"
     extra_trainable: tuple[str, ...] = ()
@@ -44,6 +49,8 @@ class TrainConfig:
     eps: float = 1e-6
     grad_accum: int = 1
     specaugment: bool | None = None
+    channels: str = "mean"  # multi-channel files: "mean" of the channels or the "first" one
+    selection: str | None = None  # tested weights: "best" valid epoch, "last"; None: best if the split validates
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -63,6 +70,10 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.folds is not None:
             self.folds = tuple(int(f) for f in self.folds)
+        _check_choice("setup", self.setup, SETUPS)
+        _check_choice("channels", self.channels, CHANNEL_POLICIES)
+        if self.selection is not None:
+            _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("pos_embed", self.pos_embed, POS_EMBED_MODES)
         _check_choice("adapter_dtype", self.adapter_dtype, STORAGE_DTYPES)

@@ -1,11 +1,12 @@
-"""The training loop for one split: train, select on validation, test the best weights.
+"""The training loop for one split: train, select on validation, test the selected weights.
 
 Read it top to bottom: :func:`fit` builds AdamW and a per-step cosine schedule over the
 trainable parameters only, runs the epochs (SpecAugment on the fly, gradient
 accumulation, autocast), evaluates the validation split after each epoch, keeps a copy
 of the best trainable tensors, checkpoints atomically, and finally scores the test split
-with the best weights. ``resume=True`` continues from the split's checkpoint and ends
-exactly where an uninterrupted run would.
+with the weights ``LoopSettings.selection`` names: the best validation epoch (``best``)
+or the last epoch (``last``, what the published code reported). ``resume=True``
+continues from the split's checkpoint and ends exactly where an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .checkpoint import copy_state, load_checkpoint, save_checkpoint, write_json
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+SELECTIONS = ("best", "last")
 
 
 @dataclass
@@ -47,6 +49,7 @@ class LoopSettings:
     dtype: torch.dtype = torch.float32
     progress: bool = True
     tensorboard: bool = False
+    selection: str = "best"  # weights tested: "best" validation epoch or "last" epoch (see SELECTIONS)
 
 
 @dataclass
@@ -128,6 +131,10 @@ def fit(
     cached embeddings passes its own. ``augment(inputs, generator)`` runs on training
     batches only.
     """
+    if settings.selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {settings.selection!r}; valid: {list(SELECTIONS)}")
+    if settings.selection == "best" and not len(valid):
+        raise ValueError("selection 'best' needs validation clips and this split has none; use selection 'last'")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     forward = model if forward is None else forward
@@ -204,8 +211,8 @@ def fit(
 
         _check_weights(named, run_dir, epoch)
         model.eval()
-        valid_metrics = evaluate(forward, valid, settings)
-        if valid_metrics["accuracy"] > best["accuracy"]:
+        valid_metrics = evaluate(forward, valid, settings) if len(valid) else {"accuracy": None, "loss": None}
+        if settings.selection == "best" and valid_metrics["accuracy"] > best["accuracy"]:
             best = {"accuracy": valid_metrics["accuracy"], "epoch": epoch, "state": copy_state(named)}
         record = {
             "epoch": epoch,
@@ -223,7 +230,8 @@ def fit(
             handle.write(json.dumps(record) + "\n")
         if writer is not None:
             for key, value in record.items():
-                writer.add_scalar(key, value, epoch)
+                if value is not None:  # no validation split: no valid_* scalars
+                    writer.add_scalar(key, value, epoch)
         save_checkpoint(
             checkpoint_path,
             {
@@ -236,23 +244,27 @@ def fit(
             },
         )
         if settings.progress:
+            valid_text = "" if valid_metrics["accuracy"] is None else f" valid acc {valid_metrics['accuracy']:.4f}"
             tqdm.write(
-                f"{run_dir.name} epoch {epoch}: loss {record['train_loss']:.4f} "
-                f"valid acc {record['valid_accuracy']:.4f} ({record['clips_per_s']:.1f} clips/s)"
+                f"{run_dir.name} epoch {epoch}: loss {record['train_loss']:.4f}{valid_text} "
+                f"({record['clips_per_s']:.1f} clips/s)"
             )
     if writer is not None:
         writer.close()
 
-    with torch.no_grad():
-        for name, tensor in best["state"].items():
-            named[name].copy_(tensor)
+    if settings.selection == "best":
+        with torch.no_grad():
+            for name, tensor in best["state"].items():
+                named[name].copy_(tensor)
     model.eval()
     test_metrics = evaluate(forward, test, settings)
     metrics = {
         "test_accuracy": test_metrics["accuracy"],
         "test_loss": test_metrics["loss"],
-        "best_valid_accuracy": best["accuracy"],
-        "best_epoch": best["epoch"],
+        "selection": settings.selection,
+        "tested_epoch": best["epoch"] if settings.selection == "best" else settings.epochs,
+        "best_valid_accuracy": best["accuracy"] if settings.selection == "best" else None,
+        "best_epoch": best["epoch"] if settings.selection == "best" else None,
         "epochs": settings.epochs,
         "num_train": len(train),
         "num_valid": len(valid),

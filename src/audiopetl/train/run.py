@@ -25,6 +25,7 @@ import yaml
 from ..atomic import atomic_path, remove_stale_temporaries
 from ..backbone import load_backbone
 from ..data import SpecAugment, few_shot_subset, get_dataset, index_features, write_bad_audio_report
+from ..frontend import Fbank, channel_policy
 from ..petl import PETLModel, build_model, learning_rate_family, resolve_methods
 from . import distributed
 from .checkpoint import write_json
@@ -32,6 +33,7 @@ from .config import LEARNING_RATES, TrainConfig
 from .embeddings import LinearProbeForward, pooled_embeddings
 from .loop import Batches, LoopSettings, fit
 from .precision import DTYPES, resolve_device, resolve_precision_name
+from .setups import apply_setup
 
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
@@ -43,7 +45,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     dataset = get_dataset(config.dataset)
     defaults = dataset.defaults
     methods = resolve_methods(config.method)
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         config,
         max_frames=config.max_frames or defaults.max_frames,
         epochs=config.epochs or defaults.epochs,
@@ -51,6 +53,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         specaugment=defaults.specaugment if config.specaugment is None else config.specaugment,
         lr=config.lr or LEARNING_RATES[learning_rate_family(methods)],
     )
+    return apply_setup(resolved)
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -108,12 +111,18 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
         if unknown:
             raise ValueError(f"folds {unknown} do not exist for {config.dataset}; valid: {valid_folds}")
         splits = [splits[f - 1] for f in config.folds]
+    unvalidated = [split.name for split in splits if not split.valid]
+    if config.selection == "best" and unvalidated:
+        raise ValueError(
+            f"selection 'best' needs a validation split; {config.dataset} protocol {config.protocol!r} has none "
+            f"for {unvalidated}: use selection 'last'"
+        )
 
     # Everything that can fail without audio fails here, before the (long) feature computation.
     backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
     check_model(backbone, methods, len(index.class_names), config)
 
-    frontend = backbone.frontend(config.max_frames)
+    frontend = _with_channels(backbone.frontend(config.max_frames), config.channels)
     if not frontend.spectrogram:
         frontend.to(device)  # a convolutional feature encoder is worth the accelerator; filterbanks stay on the CPU
     data = index_features(index, frontend, config.cache_dir, config.skip_bad_audio, config.progress)
@@ -149,6 +158,7 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
                 "dataset": config.dataset,
                 "split": split.name,
                 "precision": config.precision,
+                "setup": config.setup,
             },
         ).to(device)
         if config.grad_checkpointing:
@@ -163,12 +173,14 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
                 forward = torch.compile(model)
             if config.specaugment and frontend.spectrogram:  # not for waveform frontends' encoder features
                 augment = SpecAugment()
+        # No selection given: the best validation epoch where the split has validation clips, else the last.
+        selection = config.selection or ("best" if split.valid else "last")
         metrics = fit(
             model,
             Batches(inputs, labels, train_idx),
             Batches(inputs, labels, data.rows(split.valid)),
             Batches(inputs, labels, data.rows(split.test)),
-            settings,
+            dataclasses.replace(settings, selection=selection),
             split_dir,
             forward=forward,
             augment=augment,
@@ -182,6 +194,7 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
     accuracies = np.array([r["test_accuracy"] for r in results])
     summary = {
         "dataset": config.dataset,
+        "setup": config.setup,
         "method": [m.to_dict() for m in methods],
         "splits": results,
         "test_accuracy_mean": float(accuracies.mean()),
@@ -249,6 +262,15 @@ def warn_untrained_classes(split: str, class_names, labels: np.ndarray, train_ro
 
 def warn(message: str) -> None:
     print(f"audiopetl: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _with_channels(frontend, channels: str):
+    """``frontend`` decoding multi-channel files by ``channels``: the filterbank frontend records the policy."""
+    if channels == channel_policy(frontend.settings):
+        return frontend
+    if not isinstance(frontend, Fbank):
+        raise ValueError(f"channels={channels!r} applies to the filterbank frontend (AST) only")
+    return Fbank(dataclasses.replace(frontend.config, channels=channels))
 
 
 def _parameter_counts(model: PETLModel) -> dict:
