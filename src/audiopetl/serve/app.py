@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..experiments.inference import prediction_record
-from ..frontend import AudioError, load_audio
+from ..frontend import AudioError, channel_policy, load_audio
 from .batching import Batcher
 from .tasks import Engine, Task
 
@@ -261,7 +261,7 @@ def _decode(task: Task, data: bytes, filename: str | None) -> tuple[torch.Tensor
         handle.write(data)
         handle.flush()
         try:
-            wave = load_audio(handle.name, sample_rate=task.frontend.sample_rate, channels=task.frontend.channels)
+            wave = load_audio(handle.name, sample_rate=task.frontend.sample_rate, channels=channel_policy(task.frontend.settings))
         except AudioError as error:
             reason = error.reason.replace(handle.name, name)  # the temporary file's name means nothing to the client
             if reason.startswith("cannot decode"):
