@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 
@@ -137,12 +136,10 @@ def print_table(title: str, header: list[str], rows: list[list], markdown: str |
 
 
 def has_fast_cpu_bf16() -> bool:
-    """What the CPU reports (Linux flags): AVX512-BF16 or AMX-BF16 instructions."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """What the CPU reports (AVX512-BF16 / AMX / Arm bf16): the library's own detection."""
+    from audiopetl.train.precision import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
 
 
 def _fmt(value) -> str:

@@ -1,4 +1,4 @@
-"""Tiny adapter files of several methods on the ``tiny-random`` backbone, and clips to classify.
+"""Tiny adapter files of several methods on the ``tiny-random`` backbones, and clips to classify.
 
 Shared by the serving, browser and export tests. Every trained tensor is moved away from
 its initial value (heads strongly) so each method changes the answer and labels are clear.
@@ -19,7 +19,6 @@ import torch
 
 from audio_fixtures import noise, tone, write_audio
 from audiopetl.backbone import load_backbone
-from audiopetl.frontend import FbankConfig
 from audiopetl.petl import AdapterConfig, BitFitConfig, LoRAConfig, PromptConfig, build_model
 
 FRAMES = 100  # 1 s of audio: keeps the tiny backbone fast
@@ -32,11 +31,14 @@ METHODS = {
 }
 
 
-def make_adapter(path: Path, method, seed: int, classes: list[str] = CLASSES) -> Path:
-    backbone = load_backbone("tiny-random", max_frames=FRAMES)
+def make_adapter(
+    path: Path, method, seed: int, classes: list[str] = CLASSES, backbone: str = "tiny-random", frames: int = FRAMES
+) -> Path:
+    """An adapter on ``backbone`` (any preset) recording the frontend ``train`` would: ``frames`` 10-ms steps."""
+    model = load_backbone(backbone, max_frames=frames)
     model = build_model(
-        copy.deepcopy(backbone), method, num_classes=len(classes), class_names=classes,
-        metadata={"frontend": FbankConfig(max_frames=FRAMES).to_dict(), "dataset": "toy"},
+        copy.deepcopy(model), method, num_classes=len(classes), class_names=classes,
+        metadata={"frontend": model.frontend(frames).settings, "dataset": "toy"},
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -179,11 +179,12 @@ def test_us8k_odd_formats_load_and_both_protocols(tmp_path):
         assert fold_of(index, split.train) == set(range(1, 11)) - {k} - valid_fold  # valid held out of training
         assert_partition(split, 100)
 
-    reference = us8k.splits(index, protocol="reference")
+    reference = us8k.splits(index, protocol="reference")  # published: 9 training folds, no validation
     for k, split in enumerate(reference, start=1):
-        assert split.valid == split.test and fold_of(index, split.test) == {k}
+        assert split.valid == [] and fold_of(index, split.test) == {k}
         assert fold_of(index, split.train) == set(range(1, 11)) - {k}
-        assert "test fold" in split.description
+        assert "no validation" in split.description
+        assert len(split.train) + len(split.test) == 100 and not set(split.train) & set(split.test)
     with pytest.raises(ValueError, match="valid: \\['default', 'reference'\\]"):
         us8k.splits(index, protocol="paper")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from audiopetl.integrity import tensor_checksum
 from audiopetl.backbone import AST, ASTConfig, load_backbone
 from audiopetl.petl import (
     AdapterConfig,
@@ -173,3 +174,31 @@ def test_half_precision_adapter_files_halve_the_size_and_load_back(tmp_path):
         torch.testing.assert_close(reloaded.adapter_state_dict()[name], tensor, atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="fp16"):
         model.save_adapter(tmp_path / "x.safetensors", dtype="int8")
+
+
+def test_flipped_bytes_and_non_finite_tensors_are_refused_naming_the_file(tiny, tmp_path):
+    """Issue 10 items 6-7: a checksum of the tensors in the header catches a flipped byte;
+    NaN tensors are never written and never loaded."""
+    model = trained(tiny, METHODS["lora"])
+    good = model.save_adapter(tmp_path / "good.safetensors")
+    data = bytearray(good.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's bytes
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(AdapterFileError, match="flipped.safetensors.*corrupt"):
+        load_adapter(flipped, backbone=copy.deepcopy(tiny))
+
+    header = read_adapter_metadata(good)
+    tensors = load_file(str(good))
+    tensors["head.bias"] = torch.full_like(tensors["head.bias"], float("nan"))
+    header["checksum"] = tensor_checksum(tensors)  # a consistent file of NaNs
+    nan_file = tmp_path / "nan.safetensors"
+    save_file(tensors, str(nan_file), metadata={"audiopetl": json.dumps(header)})
+    with pytest.raises(AdapterFileError, match="nan.safetensors.*NaN"):
+        load_adapter(nan_file, backbone=copy.deepcopy(tiny))
+
+    with torch.no_grad():
+        model.head.bias.fill_(float("inf"))
+    with pytest.raises(ValueError, match="head.bias"):
+        model.save_adapter(tmp_path / "inf.safetensors")
+    assert not (tmp_path / "inf.safetensors").exists()

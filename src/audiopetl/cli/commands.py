@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 # Method options the CLI exposes, mapped to the method-config field they set.
@@ -77,18 +78,27 @@ _UNSET = argparse.SUPPRESS
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from ..backbone import POS_EMBED_MODES
     from ..petl.files import STORAGE_DTYPES
+    from ..frontend.audio import CHANNEL_POLICIES
+    from ..train.config import SETUPS
+    from ..train.loop import SELECTIONS
     from ..train.precision import PRECISIONS
 
     parser.add_argument("--config", type=Path, help="YAML file of training options; flags override it")
     parser.add_argument("--dataset", default=_UNSET, help="dataset name (see `audiopetl data list`)")
     parser.add_argument("--data-root", default=_UNSET, help="dataset folder (see `audiopetl data info NAME`)")
-    parser.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/DATASET-METHOD)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="output folder (default: runs/DATASET-METHOD, with -paper in the paper setup)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --run-dir with the options recorded in its config.yaml "
+                        "(only --no-progress, --tensorboard, --cache-dir may be added)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="data-parallel processes on this machine (one GPU each, or CPU processes with gloo); "
                         "--batch-size stays the global batch. Multi-node: torchrun -m audiopetl train (README)")
     _add_method_arguments(parser)
     model = parser.add_argument_group("model")
+    parser.add_argument("--setup", choices=SETUPS, default=_UNSET,
+                        help="'default' (ours) or 'paper': reproduce the published code's setup (README: "
+                        "'Our default vs the paper's setup')")
     model.add_argument("--backbone", default=_UNSET,
                        help="hub id or local folder; its config.json's model_type picks AST, wav2vec 2.0, HuBERT or "
                             "WavLM; or a preset: 'tiny-random' (AST), 'tiny-random-wav2vec2', 'tiny-random-hubert', "
@@ -102,6 +112,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             "speech backbones: pos_conv, feature_projection")
     data = parser.add_argument_group("data")
     data.add_argument("--protocol", default=_UNSET, help="split protocol (US8K: default or reference)")
+    data.add_argument("--channels", choices=CHANNEL_POLICIES, default=_UNSET,
+                      help="multi-channel files: 'mean' of the channels (default) or the 'first' one")
     data.add_argument("--folds", default=_UNSET, type=lambda s: tuple(int(f) for f in _comma_list(s)),
                       help="comma-separated 1-based splits to run (default: all)")
     data.add_argument("--few-shot", type=int, default=_UNSET, help="K training clips per class")
@@ -119,6 +131,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--weight-decay", type=float, default=_UNSET, help="default: 0.1")
     optim.add_argument("--grad-accum", type=int, default=_UNSET, help="default: 1")
     optim.add_argument("--seed", type=int, default=_UNSET, help="default: 0")
+    optim.add_argument("--selection", choices=SELECTIONS, default=_UNSET,
+                       help="weights to test: 'best' validation epoch or 'last' epoch "
+                       "(default: best where the split has a validation set, else last)")
     system = parser.add_argument_group("system")
     system.add_argument("--adapter-dtype", choices=list(STORAGE_DTYPES), default=_UNSET,
                         help="storage of the adapter file: fp32 (default, exact) or fp16/bf16 (half the size)")
@@ -162,13 +177,35 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
+def resume_config_from_args(args: argparse.Namespace):
+    """The configuration recorded in ``--run-dir``; only options that leave the result
+    unchanged (progress bars, TensorBoard, cache folder) may be given with ``--resume``."""
+    import dataclasses
+
+    from ..train.run import RUNTIME_OPTIONS, recorded_config
+
+    if args.run_dir is None:
+        raise ValueError("--resume needs --run-dir: the folder of the run to continue")
+    changing = [k for k in vars(args) if k not in _NOT_CONFIG and k not in RUNTIME_OPTIONS]
+    changing += [k for k in ["method", *METHOD_OPTIONS, "residual"] if getattr(args, k) is not None]
+    changing += ["config"] if args.config is not None else []
+    if changing:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in changing)
+        raise ValueError(
+            f"--resume continues {args.run_dir} exactly as recorded in its config.yaml; these options would "
+            f"change its result: {flags}. Drop them, or train a new run with another --run-dir"
+        )
+    runtime = {k: v for k, v in vars(args).items() if k in RUNTIME_OPTIONS}
+    return dataclasses.replace(recorded_config(args.run_dir), **runtime)
+
+
 def run_train(args: argparse.Namespace) -> dict:
     from ..train import resolve, run_training
 
-    config = resolve(config_from_args(args))
-    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(config.method)}"
-    if args.resume and not run_dir.exists():
-        raise ValueError(f"--resume: run directory {run_dir} does not exist")
+    given = resume_config_from_args(args) if args.resume else config_from_args(args)
+    config = resolve(given)  # the paper setup rewrites method options, so name the run from what was given
+    setup = "" if config.setup == "default" else f"-{config.setup}"
+    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(given.method)}{setup}"
     if args.nproc > 1:
         import json
 
@@ -176,7 +213,10 @@ def run_train(args: argparse.Namespace) -> dict:
 
         if distributed.requested():
             raise ValueError("--nproc: this process is already one of several ranks (torchrun); drop --nproc")
-        distributed.spawn(run_training, args.nproc, config, run_dir, args.resume)
+        try:
+            distributed.spawn(run_training, args.nproc, config, run_dir, args.resume)
+        except Exception as error:  # a rank's failure arrives with its whole traceback: keep the message line
+            raise RuntimeError(f"a training process failed: {str(error).strip().splitlines()[-1]}") from error
         summary = json.loads((run_dir / "metrics.json").read_text())
     else:
         summary = run_training(config, run_dir, resume=args.resume)
@@ -205,6 +245,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: $AUDIOPETL_CACHE or ~/.cache/audiopetl)")
+    parser.add_argument("--skip-bad-audio", action=argparse.BooleanOptionalAction, default=False,
+                        help="leave out undecodable/empty/NaN/silent files (listed in the output) instead of stopping")
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -220,12 +262,15 @@ def run_eval(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         device=args.device,
         cache_dir=args.cache_dir,
+        skip_bad_audio=args.skip_bad_audio,
     )
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", type=Path, help="adapter file written by `train`")
-    parser.add_argument("inputs", nargs="+", type=Path, help="audio files or folders")
+    parser.add_argument("inputs", nargs="+", type=Path,
+                        help="audio files or folders; files that cannot be used get an error row, and the exit "
+                        "status is non-zero only when no file could be predicted")
     parser.add_argument("--top-k", type=int, default=5, help="labels (with probabilities) per file")
     parser.add_argument("--format", choices=("json", "csv"), default="json", help="output format")
     parser.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
@@ -239,9 +284,18 @@ def run_predict(args: argparse.Namespace) -> None:
     predictions = predict_files(args.adapter, args.inputs, top_k=args.top_k, backbone=args.backbone, device=args.device)
     text = format_predictions(predictions, args.format)
     if args.output:
-        args.output.write_text(text)
+        from ..atomic import atomic_path
+
+        with atomic_path(args.output) as temp:
+            temp.write_text(text)
     else:
         print(text, end="")
+    failed = sum("error" in p for p in predictions)
+    if failed == len(predictions):
+        raise ValueError(f"none of the {failed} file(s) could be predicted (reasons above and in the output)")
+    if failed:
+        print(f"audiopetl predict: {failed} of {len(predictions)} file(s) could not be used (error rows in the output)",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- params
@@ -311,13 +365,20 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cache(args: argparse.Namespace) -> None:
-    from ..data import clear_cache, list_cache_entries
+    from ..data import clear_cache, list_cache_entries, list_temporaries
 
     if args.cache_command == "ls":
         entries = list_cache_entries(args.cache_dir)
         for entry in entries:
             print(entry)
-        if not entries:
+        temporaries = list_temporaries(args.cache_dir)
+        for temp in temporaries:
+            state = (
+                "stale: left by a killed build, removed at the next use or by `cache clear`"
+                if temp.stale else f"being written by process {temp.pid} on {temp.host}"
+            )
+            print(f"temporary {temp.size_bytes / 2**20:9.1f} MiB  {temp.path.name}  ({state})")
+        if not entries and not temporaries:
             print("(cache is empty)")
     else:
         removed = clear_cache(args.cache_dir, key=args.key)
@@ -343,6 +404,7 @@ keeps the same (the report reads it)."""
 
 def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     from ..experiments.recipes import recipe_names
+    from ..train.config import SETUPS
 
     parser.description = REPRODUCE_DESCRIPTION
     parser.formatter_class = _RawDescriptionDefaults
@@ -357,6 +419,9 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only this run (a glob such as 'esc50/*' works); repeat for several")
     parser.add_argument("--dry-run", action="store_true", help="list the runs without training")
     parser.add_argument("--status", action="store_true", help="print done/running/failed/pending per run and exit")
+    parser.add_argument("--setup", choices=SETUPS, default=None,
+                        help="'paper': the published code's setup; its runs go under RUNS_DIR/paper/ and "
+                        "`report` shows them beside the default runs (default: the recipe's, else default)")
     launch = parser.add_argument_group("launcher")
     launch.add_argument("--launcher", choices=("local", "slurm"), default="local", help="where runs execute")
     launch.add_argument("--workers", type=int, default=1, help="local: concurrent worker processes")
@@ -387,6 +452,8 @@ def run_reproduce(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.table)
     roots = dict(_key_value(item, "--data") for item in args.data)
     overrides = {k: yaml.safe_load(v) for k, v in (_key_value(item, "--set") for item in args.set)}
+    if args.setup is not None:
+        overrides["setup"] = args.setup
     only = args.only.split(",") if args.only else None
     runs_dir = args.runs_dir or Path("runs") / recipe["name"]
     if args.status:

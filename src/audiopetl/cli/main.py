@@ -52,14 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     _, _, run = impl.COMMANDS[args.command]
     try:
         result = run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"audiopetl {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as error:
+        # Bad input, a failed run and operating-system trouble (read-only or full folder...)
+        # all end the same way: one message naming the file or option, and a non-zero status.
+        print(f"audiopetl {args.command}: error: {_describe(error)}", file=sys.stderr)
         return 2
     if isinstance(result, (dict, list)):
         print(json.dumps(result, indent=2, default=str))
     return 0
 
 
+
+def _describe(error: BaseException) -> str:
+    """The error's message; for a bare OSError (``[Errno 13] Permission denied: 'x'``) a sentence."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.strerror.lower()}: {str(error.filename)!r} (check the path and its permissions)"
+    return str(error)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "peft", help="LoRA adapter as a PEFT adapter folder (+ the head and, by default, the base model)",
         description="Write OUT/ with adapter_config.json + adapter_model.safetensors (PEFT LoRA on transformers' "
         "ASTModel), head.safetensors + head.json (pooling and classes), and base/ (the backbone as a transformers "
-        "checkpoint). Only LoRA adapters can be expressed in PEFT; other methods are refused (use `export onnx`).",
+        "checkpoint). Only LoRA adapters on AST can be expressed in PEFT; other methods and adapters on speech "
+        "backbones (wav2vec 2.0, HuBERT, WavLM) are refused (use `export onnx`).",
     )
     peft.add_argument("adapter", type=Path, help="adapter file written by `train`")
     peft.add_argument("out", type=Path, help="output folder")
@@ -79,8 +80,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                       help="skip base/ (load the backbone named in adapter_config.json yourself)")
     onnx = sub.add_parser(
         "onnx", help="whole model (LoRA merged, other modules included) as ONNX: features in, logits out",
-        description="Write one ONNX file: input 'features' (batch, frames, mel bins) as `predict` computes them, "
-        "output 'logits' (batch, classes); the batch axis is dynamic. Class names and the frontend settings are "
+        description="Write one ONNX file: input 'features' as `predict` computes them (AST: (batch, frames, mel "
+        "bins); wav2vec 2.0/HuBERT/WavLM: (batch, frames, conv channels + 1), the frozen feature encoder's output "
+        "and a validity column, the feature encoder not included), output 'logits' (batch, classes); the batch axis is dynamic. Class names and the frontend settings are "
         "stored in the model's metadata.",
     )
     onnx.add_argument("adapter", type=Path, help="adapter file written by `train`")

@@ -14,6 +14,7 @@ from .cache import (
     default_cache_dir,
     index_features,
     list_cache_entries,
+    list_temporaries,
     write_bad_audio_report,
 )
 from .download import DownloadError, Source, download_dataset, download_file, extract
@@ -59,6 +60,7 @@ __all__ = [
     "given_split",
     "index_features",
     "list_cache_entries",
+    "list_temporaries",
     "rotation_splits",
     "stratified_split",
     "write_bad_audio_report",

@@ -120,6 +120,15 @@ class AudioDataset:
             raise self.layout_error(root, f"{path.name} lacks columns {missing} (has {present})")
         if not rows:
             raise self.layout_error(root, f"{path.name} lists no clips")
+        for line, row in enumerate(rows, start=2):  # line 1 is the header
+            if any(row[c] is None for c in present):
+                raise self.layout_error(
+                    root, f"{path}, line {line}: too few fields ({len([v for v in row.values() if v is not None])} "
+                    f"for the {len(present)} columns {present})"
+                )
+            empty = [c for c in columns if not row[c].strip()]
+            if empty:
+                raise self.layout_error(root, f"{path}, line {line}: empty {empty}")
         return rows
 
     def as_int(self, root: str | os.PathLike, value: str, what: str) -> int:

@@ -7,10 +7,14 @@ An entry is `<key>.f32` (raw rows of the frontend's `feature_shape`) plus `<key>
 manifest, under `<cache dir>/features/`. The key hashes every file's path, size and
 mtime (ns) with the frontend settings, so a touched file or a changed setting gives a new
 entry. The data file is built under a temporary name, fsynced and renamed; the manifest
-is written the same way and last. Only an entry with a manifest is trusted, so a build
-that dies halfway leaves nothing a later run would use. Concurrent processes, on one host
-or several sharing the cache over NFS, build an entry once: the builder holds
-`<key>.lock` (:class:`audiopetl.buildlock.BuildLock`, a heartbeat lock file, not flock).
+is written the same way and last, with a checksum of the data file. Only an entry with a
+manifest is trusted, and only while its data file matches the checksum (verified once per
+process), so a build that dies halfway or a corrupted file leaves nothing a later run
+would use: the entry is rebuilt. Concurrent processes, on one host or several sharing the
+cache over NFS, build an entry once: the builder holds `<key>.lock`
+(:class:`audiopetl.buildlock.BuildLock`, a heartbeat lock file, not flock). Temporaries of
+killed builds on this host are removed at the next use (never a live process's); `cache
+ls` shows the ones present.
 
 Unusable files (undecodable, empty, NaN/Inf, silent) are recorded in the manifest, so a
 rerun reports them, or skips them, without decoding anything again.
@@ -26,6 +30,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -36,14 +41,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic import atomic_path
+from ..atomic import Temporary, WriteError, atomic_path, find_temporaries, remove_stale_temporaries
 from ..buildlock import BuildLock
-from ..frontend import AudioError, FbankConfig, Frontend, as_frontend, load_audio
+from ..frontend import AudioError, FbankConfig, Frontend, as_frontend, channel_policy, load_audio
+from ..integrity import file_checksum
 from .base import DatasetIndex
 
 CACHE_ENV = "AUDIOPETL_CACHE"
 FORMAT = 1  # bump when the stored layout or the meaning of a key changes
 BATCH = 32  # clips per frontend call: enough to amortise, small enough for 2-core laptops
+_VERIFIED: set[tuple[str, int, int]] = set()  # data files this process has checksummed (path, size, mtime)
 
 
 def default_cache_dir() -> Path:
@@ -127,12 +134,21 @@ class FeatureCache:
         paths = [os.path.abspath(p) for p in paths]
         config = as_frontend(config)
         key = self.key(paths, config)
-        manifest = self._trusted_manifest(key)
+        remove_stale_temporaries(self.dir)  # leftovers of builds killed earlier (never a live one's)
+        manifest = self._verified_manifest(key)
         if manifest is None:
             # Concurrent runs (sweep workers, Slurm jobs, DDP ranks) build an entry once: the
             # first takes the lock, the others wait and then find the finished entry.
-            with BuildLock(self.dir / f"{key}.lock", on_wait=_waiting(key)):
-                manifest = self._trusted_manifest(key) or self._build(key, paths, config, progress)
+            try:
+                with BuildLock(self.dir / f"{key}.lock", on_wait=_waiting(key)):
+                    manifest = self._verified_manifest(key) or self._build(key, paths, config, progress)
+            except TimeoutError:
+                raise
+            except OSError as error:  # a read-only or full cache folder
+                raise WriteError(
+                    f"cannot write the feature cache in {str(self.dir)!r}: {error}; pass --cache-dir (or set "
+                    f"${CACHE_ENV}) to a writable folder with enough free space"
+                ) from error
         bad = [(paths[i], reason) for i, reason in manifest["bad"]]
         if bad and not skip_bad_audio:
             raise BadAudioError(bad)
@@ -153,6 +169,22 @@ class FeatureCache:
             return None
         return manifest
 
+    def _verified_manifest(self, key: str) -> dict | None:
+        """The entry's manifest if its data file still has the checksum recorded at build time;
+        a corrupt entry is announced and left to be rebuilt."""
+        manifest = self._trusted_manifest(key)
+        if manifest is None:
+            return None
+        data = self.dir / f"{key}.f32"
+        stat = data.stat()
+        if (str(data), stat.st_size, stat.st_mtime_ns) in _VERIFIED:
+            return manifest
+        if manifest.get("checksum") != file_checksum(data):
+            print(f"audiopetl: cache entry {data} is corrupt (checksum mismatch); rebuilding it", file=sys.stderr)
+            return None
+        _VERIFIED.add((str(data), stat.st_size, stat.st_mtime_ns))
+        return manifest
+
     def _build(self, key: str, paths: list[str], config: Frontend, progress: bool) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
         # An old manifest must not vouch for a data file that is about to be replaced.
@@ -168,6 +200,7 @@ class FeatureCache:
             "bad": bad,
             "frontend": config.settings,
             "size_bytes": (self.dir / f"{key}.f32").stat().st_size,
+            "checksum": file_checksum(self.dir / f"{key}.f32"),
         }
         with atomic_path(self.dir / f"{key}.json") as temp:
             temp.write_text(json.dumps(manifest, indent=1))
@@ -200,7 +233,10 @@ def _compute(
         out.write(frontend(waves, lengths=lengths).cpu().numpy().astype(np.float32, copy=False).tobytes())
         pending.clear()
 
-    decode = functools.partial(_decode, sample_rate=frontend.sample_rate, max_samples=frontend.max_samples)
+    decode = functools.partial(
+        _decode, sample_rate=frontend.sample_rate, max_samples=frontend.max_samples,
+        channels=channel_policy(frontend.settings),
+    )
     with _ordered_map(decode, paths, workers) as results:
         for i, result in enumerate(tqdm(results, total=len(paths), desc="computing features", unit="clip",
                                         disable=not progress)):
@@ -223,10 +259,10 @@ def _decode_workers(num_files: int) -> int:
     return max(1, min(cores, num_files // FILES_PER_WORKER))
 
 
-def _decode(path: str, sample_rate: int, max_samples: int) -> np.ndarray | str:
+def _decode(path: str, sample_rate: int, max_samples: int, channels: str) -> np.ndarray | str:
     """The waveform of `path` up to `max_samples` (later samples never reach a frame), or why it is unusable."""
     try:
-        return load_audio(path, sample_rate=sample_rate)[:max_samples]
+        return load_audio(path, sample_rate=sample_rate, channels=channels)[:max_samples]
     except AudioError as error:
         return error.reason
 
@@ -282,6 +318,12 @@ def list_cache_entries(cache_dir: str | os.PathLike | None = None) -> list[Cache
                 )
             )
     return sorted(entries, key=lambda entry: entry.created)
+
+
+def list_temporaries(cache_dir: str | os.PathLike | None = None) -> list[Temporary]:
+    """Partly written files in the cache: builds under way, or leftovers of killed ones
+    (``.stale``; removed by the next cache use on this host, or by `cache clear`)."""
+    return find_temporaries(FeatureCache(cache_dir).dir)
 
 
 def clear_cache(cache_dir: str | os.PathLike | None = None, key: str | None = None) -> int:

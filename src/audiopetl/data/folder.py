@@ -41,14 +41,22 @@ validate on the fold before it, train on the rest); otherwise a seeded stratifie
             return self._scan_manifest(root)
         root = self.require(root)
         names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+        # Every audio-named entry is a clip, also a broken link or a folder named like audio:
+        # the feature cache then reports it by path (stop, or skip with --skip-bad-audio).
         clips = [
             Clip(str(path), label)
             for label, name in enumerate(names)
             for path in sorted((root / name).rglob("*"))
-            if path.suffix.lower() in AUDIO_SUFFIXES and path.is_file()
+            if path.suffix.lower() in AUDIO_SUFFIXES
         ]
         if not clips:
             raise self.layout_error(root, "no class sub-folders with audio files found")
+        empty = sorted(set(names) - {names[clip.label] for clip in clips})
+        if empty:
+            raise self.layout_error(
+                root, f"class folder(s) {empty} hold no audio files; add audio, remove them, or start their "
+                "names with '_' to ignore them"
+            )
         return DatasetIndex(self.name, str(root), clips, names)
 
     def _scan_manifest(self, manifest: Path) -> DatasetIndex:

@@ -13,16 +13,16 @@ from .base import DatasetIndex, Split
 SPLIT_NAMES = ("train", "valid", "test")
 
 
-def rotation_splits(index: DatasetIndex, folds: Sequence[int], valid_on_test: bool = False) -> list[Split]:
+def rotation_splits(index: DatasetIndex, folds: Sequence[int], validate: bool = True) -> list[Split]:
     """One split per fold, named `fold{K}`, testing on fold K.
 
     By default the fold just before K (cyclically) validates and the rest train, which is
     the paper's ESC-50 rotation (train 1,2,3 / valid 4 / test 5, then shifted by one).
-    `valid_on_test=True` trains on every other fold and validates on the test fold itself:
-    the paper's UrbanSound8K selection, which reports an optimistic test accuracy.
+    `validate=False` trains on every other fold and has no validation split: the published
+    UrbanSound8K setup (9 training folds), which reports the last epoch.
     """
     folds = list(folds)
-    minimum = 2 if valid_on_test else 3
+    minimum = 3 if validate else 2
     if len(folds) < minimum:
         raise ValueError(f"{index.name}: a fold rotation needs at least {minimum} folds, got {folds}")
     members: dict[int, list[int]] = defaultdict(list)
@@ -33,16 +33,16 @@ def rotation_splits(index: DatasetIndex, folds: Sequence[int], valid_on_test: bo
         raise ValueError(f"{index.name}: folds {empty} hold no clips")
     splits = []
     for position, test in enumerate(folds):
-        valid = test if valid_on_test else folds[position - 1]
-        train_folds = [fold for fold in folds if fold not in (test, valid)]
-        note = " (model selected on the test fold)" if valid_on_test else ""
+        valid = [folds[position - 1]] if validate else []
+        train_folds = [fold for fold in folds if fold != test and fold not in valid]
+        held_out = f"valid fold {valid[0]}" if validate else "no validation"
         splits.append(
             Split(
                 name=f"fold{test}",
                 train=[i for fold in train_folds for i in members[fold]],
-                valid=list(members[valid]),
+                valid=[i for fold in valid for i in members[fold]],
                 test=list(members[test]),
-                description=f"train folds {train_folds}, valid fold {valid}, test fold {test}{note}",
+                description=f"train folds {train_folds}, {held_out}, test fold {test}",
             )
         )
     return splits

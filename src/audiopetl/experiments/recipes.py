@@ -1,8 +1,10 @@
 """Paper experiments as YAML recipes, expanded into resumable sweeps of training runs.
 
 A recipe (``recipes/NAME.yaml``) names its datasets, its rows (label -> method spec),
-optionally few-shot sizes per dataset or parameter budgets, and shared training options.
-:func:`expand` turns it into runs, each with its own directory under the sweep folder;
+optionally few-shot sizes per dataset or parameter budgets, shared training options, and
+optionally ``setup: paper``. :func:`expand` turns it into runs, each with its own directory
+under the sweep folder (``paper/...`` for the paper setup, so both setups of a table can
+share one folder and one report);
 :func:`run_sweep` hands the unfinished ones to a launcher (here, local workers or Slurm:
 :mod:`.launchers`), skipping finished runs and resuming interrupted ones, so a sweep can be
 stopped and started again at any time. ``sweep.json`` in the sweep folder lists the runs
@@ -27,7 +29,7 @@ from ..train import METRICS, TrainConfig, is_finished, resolve, run_training
 from ..train.checkpoint import write_json
 from .launchers import STATES, LocalLauncher, run_state, write_job
 
-RECIPE_KEYS = {"title", "datasets", "methods", "few_shot", "budgets", "base", "slurm"}
+RECIPE_KEYS = {"title", "datasets", "methods", "few_shot", "budgets", "base", "setup", "slurm"}
 SWEEP_FILE = "sweep.json"
 
 
@@ -73,7 +75,9 @@ def expand(recipe: dict, overrides: dict | None = None) -> list[Run]:
     from ..backbone import ASTConfig
     from ..petl import parameter_budget, resolve_methods
 
-    base = {**recipe.get("base", {}), **(overrides or {})}
+    setup_option = {"setup": recipe["setup"]} if "setup" in recipe else {}
+    base = {**recipe.get("base", {}), **setup_option, **(overrides or {})}
+    setup = base.get("setup", "default")
     runs = []
     for dataset in recipe["datasets"]:
         for row, method in recipe["methods"].items():
@@ -93,7 +97,9 @@ def expand(recipe: dict, overrides: dict | None = None) -> list[Run]:
                 labels = dict(point, **({"k": extra["few_shot"]} if "few_shot" in extra else {}))
                 if budget is not None:
                     labels["budget"] = budget
-                run_id = "/".join(filter(None, [dataset, slug(row), suffix]))
+                labels["setup"] = setup
+                prefix = "" if setup == "default" else setup
+                run_id = "/".join(filter(None, [prefix, dataset, slug(row), suffix]))
                 runs.append(Run(run_id, labels, options))
     return runs
 
@@ -113,6 +119,18 @@ def select_runs(recipe: dict, overrides: dict | None = None, only: list[str] | N
             raise ValueError(f"--run {unmatched}: no such run; runs: {[r.run_id for r in runs]}")
         runs = [r for r in runs if any(fnmatch(r.run_id, p) for p in select)]
     return runs
+
+
+def _merge_runs(sweep_file: Path, recipe: dict, listed: list[dict]) -> list[dict]:
+    """``listed`` plus the runs an earlier sweep of the same recipe in this folder listed (e.g. the
+    other setup, or other datasets under ``--only``), so one report covers them all."""
+    if not sweep_file.exists():
+        return listed
+    earlier = json.loads(sweep_file.read_text())
+    if earlier.get("recipe") != recipe["name"]:
+        return listed
+    ids = {run["id"] for run in listed}
+    return [run for run in earlier["runs"] if run["id"] not in ids] + listed
 
 
 def run_sweep(
@@ -223,7 +241,7 @@ def write_sweep_file(recipe: dict, runs: list[Run], runs_dir: Path) -> dict:
         {
             "recipe": recipe["name"],
             "title": recipe["title"],
-            "runs": [{"id": r.run_id, **r.labels} for r in runs],
+            "runs": _merge_runs(runs_dir / SWEEP_FILE, recipe, [{"id": r.run_id, **r.labels} for r in runs]),
             "status": {run_id: {"state": s, **{k: d[k] for k in ("log", "error", "slurm_job_id") if k in d}}
                        for run_id, (s, d) in status.items()},
             "progress": {**counts, "total": len(runs), "updated": time.time()},

@@ -47,27 +47,52 @@ def _cell(metrics: dict) -> str:
     return f"{mean:.2f} ± {std:.2f}" if len(metrics["splits"]) > 1 else f"{mean:.2f}"
 
 
+def _setup(run: dict) -> str:
+    return run.get("setup", "default")  # sweeps written before setups existed ran the default
+
+
+SETUP_HEADINGS = {"paper": "ours, paper setup", "default": "ours, default"}
+
+
 def results_table(sweep: dict, runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: method, trainable parameters, then one column per dataset (ours / paper)."""
+    """Header and rows: method, trainable parameters, then per dataset column the accuracy.
+
+    With default runs only, a cell is ``ours (paper's figure)``. Once paper-setup runs exist,
+    each dataset column splits into the paper's figure, ours in the paper setup and ours in
+    the default setup, side by side, with one average per setup.
+    """
     columns = list(dict.fromkeys(_column(r) for r in runs))
-    by_row: dict[str, dict[str, dict]] = defaultdict(dict)
+    setups = [s for s in SETUP_HEADINGS if any(_setup(r) == s for r in runs)]
+    side_by_side = setups != ["default"]
+    by_row: dict[str, dict[tuple[str, str], dict]] = defaultdict(dict)
     for run in runs:
-        by_row[run["row"]][_column(run)] = run
-    header = ["Method", "# params", *columns, "Avg"]
+        by_row[run["row"]][(_column(run), _setup(run))] = run
+    if side_by_side:
+        cells = [f"{c}: {heading}" for c in columns for heading in ("paper", *(SETUP_HEADINGS[s] for s in setups))]
+        header = ["Method", "# params", *cells, *(f"Avg {SETUP_HEADINGS[s]}" for s in setups)]
+    else:
+        header = ["Method", "# params", *columns, "Avg"]
     rows = []
-    for row, cells in by_row.items():
-        first = next(iter(cells.values()))
+    for row, found in by_row.items():
+        first = next(iter(found.values()))
         line = [row, f"{first['metrics']['paper_parameters'] / 1000:.0f}K"]
-        ours = []
+        ours: dict[str, list[float]] = {s: [] for s in setups}
         for column in columns:
-            run = cells.get(column)
-            if run is None:
-                line.append("")
-                continue
-            ours.append(100 * run["metrics"]["test_accuracy_mean"])
-            paper = paper_accuracy(sweep["recipe"], row, run["dataset"], run.get("k"))
-            line.append(_cell(run["metrics"]) + (f" ({paper:.2f})" if paper is not None else ""))
-        line.append(f"{sum(ours) / len(ours):.2f}" if ours else "")
+            some = next((found[(column, s)] for s in setups if (column, s) in found), None)
+            paper = paper_accuracy(sweep["recipe"], row, some["dataset"], some.get("k")) if some else None
+            if side_by_side:
+                line.append(f"{paper:.2f}" if paper is not None else "")
+            for setup in setups:
+                run = found.get((column, setup))
+                if run is not None:
+                    ours[setup].append(100 * run["metrics"]["test_accuracy_mean"])
+                if side_by_side:
+                    line.append(_cell(run["metrics"]) if run else "")
+                elif run is None:
+                    line.append("")
+                else:
+                    line.append(_cell(run["metrics"]) + (f" ({paper:.2f})" if paper is not None else ""))
+        line += [f"{sum(ours[s]) / len(ours[s]):.2f}" if ours[s] else "" for s in setups]
         rows.append(line)
     return header, rows
 
@@ -92,7 +117,8 @@ def write_report(runs_dir: str | Path, out: str | Path, tsne: bool = False) -> P
     markdown = [
         f"# {sweep['title']}",
         "",
-        "Test accuracy (%) of our runs; the paper's published figure in parentheses where it gives one.",
+        "Test accuracy (%) of our runs beside the paper's published figure where it gives one "
+        "(in parentheses, or its own column once paper-setup runs exist: `reproduce --setup paper`).",
         "Parameters: trainable, counted as the paper does (head and final LayerNorm excluded except for Linear).",
         *_progress_line(sweep, len(runs)),
         "",
@@ -104,12 +130,12 @@ def write_report(runs_dir: str | Path, out: str | Path, tsne: bool = False) -> P
     (out / "results.md").write_text("\n".join(markdown))
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["recipe", "row", "dataset", "k", "budget", "paper_parameters", "test_accuracy_mean",
-                         "test_accuracy_std", "paper_accuracy"])
+        writer.writerow(["recipe", "row", "dataset", "k", "budget", "setup", "paper_parameters",
+                         "test_accuracy_mean", "test_accuracy_std", "paper_accuracy"])
         for run in runs:
             metrics = run["metrics"]
             writer.writerow([
-                sweep["recipe"], run["row"], run["dataset"], run.get("k", ""), run.get("budget", ""),
+                sweep["recipe"], run["row"], run["dataset"], run.get("k", ""), run.get("budget", ""), _setup(run),
                 metrics["paper_parameters"], metrics["test_accuracy_mean"], metrics["test_accuracy_std"],
                 paper_accuracy(sweep["recipe"], run["row"], run["dataset"], run.get("k")) or "",
             ])
@@ -150,7 +176,8 @@ def _plot_curves(points: list[tuple[dict, float]], xlabel: str, path: Path) -> N
         series: dict[str, list] = defaultdict(list)
         for run, x in points:
             if run["dataset"] == dataset:
-                series[run["row"]].append((x, 100 * run["metrics"]["test_accuracy_mean"]))
+                label = run["row"] if _setup(run) == "default" else f"{run['row']} ({_setup(run)} setup)"
+                series[label].append((x, 100 * run["metrics"]["test_accuracy_mean"]))
         for row, line in series.items():
             line.sort()
             axis.plot([x for x, _ in line], [a for _, a in line], marker="o", label=row)

@@ -14,7 +14,8 @@ built it (position table adapted to the clip length), as a transformers checkpoi
 
 Only LoRA can be expressed: PEFT's LoRA is ``base(x) + B(A(x)) * lora_alpha / r``, ours the
 same with ``scaling = alpha / RR``, so ``lora_alpha = scaling * r``. Adapters, prompts,
-prefixes and BitFit have no PEFT equivalent on ``ASTModel`` and are refused.
+prefixes and BitFit have no PEFT equivalent on ``ASTModel`` and are refused, and so are
+adapters on the speech encoders (wav2vec 2.0, HuBERT, WavLM): use ``export onnx`` for those.
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..backbone import load_backbone
 from ..backbone.ast import ASTConfig
 from ..backbone.checkpoint import convert_state_dict
-from ..petl import LoRAConfig, load_adapter, method_from_dict, read_adapter_metadata
+from ..petl import LoRAConfig, load_adapter, load_recorded_backbone, method_from_dict, read_adapter_metadata
 from ..petl.lora import LoRALinear
 
 POOLING_CODE = {
@@ -77,6 +77,14 @@ def transformers_names(hf_model: torch.nn.Module) -> dict[str, str]:
 def check_expressible(adapter: str | Path) -> LoRAConfig:
     """The adapter's LoRA config, or :class:`PeftExportError` saying why PEFT cannot hold it."""
     header = read_adapter_metadata(adapter)
+    record = header["backbone"]
+    model_type = record["config"].get("model_type")  # recorded by the speech encoders' config; AST's has none
+    if model_type is not None:
+        raise PeftExportError(
+            f"{adapter}: made for the {model_type} backbone {record.get('source')!r}; export peft writes adapters "
+            "for transformers' ASTModel only (transformers' speech models take raw waveforms, so this export's "
+            "features-in base model and parity check do not carry over); use `audiopetl export onnx`"
+        )
     methods = [method_from_dict(values) for values in header["methods"]]
     others = [m.method for m in methods if not isinstance(m, LoRAConfig)]
     if others or not methods:
@@ -101,9 +109,7 @@ def export_peft(adapter: str | Path, out: str | Path, include_base: bool = True)
     except ImportError as error:
         raise RuntimeError(f"export peft needs the export extra: pip install 'audiopetl[export]' ({error})") from None
     record = read_adapter_metadata(adapter)["backbone"]
-    pretrained = load_backbone(
-        record["source"], max_frames=record["config"]["max_frames"], pos_embed=record.get("pos_embed") or "adapt"
-    )
+    pretrained = load_recorded_backbone(adapter, record)
     plain_state = {name: t.clone() for name, t in pretrained.state_dict().items()}
     model = load_adapter(adapter, backbone=pretrained).eval()
 

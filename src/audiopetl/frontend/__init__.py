@@ -10,7 +10,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from .audio import SILENCE_PEAK, AudioError, check_waveform, load_audio
+from .audio import SILENCE_PEAK, AudioError, channel_policy, check_waveform, load_audio
 from .fbank import Fbank, FbankConfig, kaldi_fbank, mel_filterbank, num_frames
 from .waveform import WaveformConfig, WaveformFrontend
 
@@ -59,6 +59,7 @@ __all__ = [
     "WaveformFrontend",
     "as_frontend",
     "frontend_from_settings",
+    "channel_policy",
     "check_waveform",
     "kaldi_fbank",
     "load_audio",

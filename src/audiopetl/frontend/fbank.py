@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dataclass_dict import from_dict
+from .audio import CHANNEL_POLICIES
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,11 @@ class FbankConfig:
     low_freq: float = 20.0
     high_freq: float = 0.0  # <= 0 is an offset from Nyquist, as in Kaldi; 0 means Nyquist
     preemphasis: float = 0.97
+    channels: str = "mean"  # multi-channel files: see audio.CHANNEL_POLICIES
 
     def __post_init__(self) -> None:
+        if self.channels not in CHANNEL_POLICIES:
+            raise ValueError(f"FbankConfig.channels must be one of {list(CHANNEL_POLICIES)}, got {self.channels!r}")
         for name in ("sample_rate", "num_mel_bins", "max_frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -19,7 +19,7 @@ from .config import (
     PromptConfig,
     SoftMoAConfig,
 )
-from .files import AdapterFileError, load_adapter, read_adapter_metadata, save_adapter
+from .files import AdapterFileError, load_adapter, load_recorded_backbone, read_adapter_metadata, save_adapter
 from .lora import LoRALinear
 from .moa import DenseMixture, SoftMixture
 from .model import PETLModel, build_model
@@ -66,6 +66,7 @@ __all__ = [
     "format_parameter_table",
     "learning_rate_family",
     "load_adapter",
+    "load_recorded_backbone",
     "method_from_dict",
     "method_names",
     "parameter_budget",

@@ -1,23 +1,31 @@
-"""Adapters: the Bottleneck and Convpass modules, and where they sit in a layer.
+"""Adapters: the Bottleneck, Convpass and Conformer modules, and where they sit in a layer.
 
 Placement uses the sub-layer taps of :class:`~audiopetl.backbone.ast.SublayerTaps`. With
-``n = LN(x)`` the sub-layer's normalised input, ``f`` the sub-layer, ``A`` the adapter
-and ``[+ z]`` the optional residual (the reference implementation's wiring):
+``n = LN(x)`` the sub-layer's normalised input, ``f`` the sub-layer, ``A`` the adapter and
+``[+ z]`` the residual (``AdapterConfig.residual``), the sub-layer output ``y`` is:
 
 * sequential-after  (Eq. 6):  ``y = A(f(n)) [+ f(n)]``          -> an output transform;
-* sequential-before:          ``y = f(A(n) [+ n])``             -> an input transform;
+* sequential-before:          ``y = f(A(n)) [+ A(n)]``          -> an input transform, plus
+  a branch adding the transformed input (the published code's wiring, Table III);
 * parallel-before   (Eq. 7):  ``y = f(n) + A(n) [+ n]``         -> a branch reading ``n``;
 * parallel-after:             ``y = f(n) + A(f(n)) [+ f(n)]``   -> a branch reading ``f(n)``;
 and the block adds ``x + y``. Eq. 7 writes the parallel adapter's input as the
-un-normalised X^; like the reference code we feed it LN(X^), the sub-layer's own input.
+un-normalised X^; like the published code we feed it LN(X^), the sub-layer's own input.
 Sequential-after with residual equals parallel-after without, hence Table III's
-"Seq/Par-After" rows.
+"Seq/Par-After" rows. Sequential-before's residual skips the sub-layer, not the adapter,
+so it is not the identity at initialisation: ``f(0) + 0`` where the adapter outputs zeros.
 
 Post-LN blocks (the base wav2vec 2.0 / HuBERT / WavLM models, whose sub-layers compute
 ``LN(x + f(x))``; :class:`~audiopetl.backbone.wav2vec2.PostNormTaps`) use the same taps with
 ``n = x``, the sub-layer input (the previous LayerNorm's output), and return ``LN(x + y)``:
 every placement's ``y`` above joins the residual sum before the sub-layer's LayerNorm, and
 the LayerNorm trained with an adapter is that one.
+
+Initialisation (``AdapterConfig.init``): ``default`` starts every adapter at zero output
+with a gradient on ``up`` (see each module); ``paper`` is what the published runs had:
+transformers' ``from_pretrained`` re-initialised every module missing from the checkpoint,
+so each new ``nn.Linear`` (down and up) ran with trunc-normal(std 0.02) weights and zero
+biases, whatever the published source sets; Convpass's ``nn.Conv1d`` kept its own xavier init.
 """
 
 from __future__ import annotations
@@ -36,12 +44,22 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def paper_init_(module: nn.Module) -> None:
+    """transformers' init of every new ``nn.Linear`` in ``module``: weight trunc-normal(std 0.02), bias zero."""
+    for linear in module.modules():
+        if isinstance(linear, nn.Linear):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+
 class Bottleneck(nn.Module):
     """Down-projection, GELU, up-projection.
 
-    ``down`` keeps ``nn.Linear``'s default init and ``up`` starts at zero: the adapter
-    outputs zeros at initialisation but ``up`` gets a gradient at the first step. (The
-    reference zero-initialises both, which leaves every adapter gradient zero.)
+    Default init: ``down`` keeps ``nn.Linear``'s default and ``up`` starts at zero, so the
+    adapter outputs zeros at initialisation yet ``up`` gets a gradient at the first step.
+    (Zeroing both, as the published source writes, would leave every gradient zero; its
+    runs never had that init, see the module docstring.)
     """
 
     def __init__(self, dim: int, rank: int) -> None:
@@ -59,19 +77,22 @@ class Bottleneck(nn.Module):
 class Convpass(nn.Module):
     """1x1 down, QuickGELU, 3-tap convolution over the token axis, QuickGELU, 1x1 up.
 
-    The convolution runs over the whole token sequence as the reference does, so it mixes
-    neighbouring tokens in sequence order: [CLS], distillation and prompt tokens with the
-    first patches, and the last patch of one frequency row with the first of the next.
-    Its output feeds ``up`` (the published code computed it, then discarded it).
-    ``up`` is zero-initialised so the adapter starts as the identity of its placement.
+    The convolution runs over the whole token sequence as the published code does, so it
+    mixes neighbouring tokens in sequence order: [CLS], distillation and prompt tokens with
+    the first patches, and the last patch of one frequency row with the first of the next.
+    By default its output feeds ``up``. ``conv=False`` is the published function: that code
+    computed the convolution, discarded it and returned ``up(QuickGELU(QuickGELU(down(x))))``;
+    the convolution's weights are kept (and counted, as the paper counts them) but unused.
+    Default init: ``up`` is zero so the adapter starts as the identity of its placement.
     """
 
-    def __init__(self, dim: int, rank: int) -> None:
+    def __init__(self, dim: int, rank: int, conv: bool = True) -> None:
         super().__init__()
         self.down = nn.Linear(dim, rank)
         self.conv = nn.Conv1d(rank, rank, kernel_size=3, padding=1)
         self.act = QuickGELU()
         self.up = nn.Linear(rank, dim)
+        self.use_conv = conv
         nn.init.xavier_uniform_(self.down.weight)
         nn.init.zeros_(self.down.bias)
         nn.init.xavier_uniform_(self.conv.weight)
@@ -81,8 +102,12 @@ class Convpass(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.down(x))  # (batch, tokens, rank)
-        h = self.act(self.conv(h.transpose(1, 2)).transpose(1, 2))
-        return self.up(h)
+        if self.use_conv:
+            h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.up(self.act(h))
+
+    def extra_repr(self) -> str:
+        return f"use_conv={self.use_conv}"
 
 
 class Conformer(nn.Module):
@@ -133,6 +158,13 @@ class SequentialAdapter(nn.Module):
         return out + z if self.residual else out
 
 
+class SublayerInput(nn.Module):
+    """A branch returning the sub-layer's (transformed) input: sequential-before's ``+ A(n)``."""
+
+    def forward(self, normed: torch.Tensor, sublayer_out: torch.Tensor) -> torch.Tensor:
+        return normed
+
+
 class ParallelAdapter(nn.Module):
     """A branch ``(n, f(n)) -> A(z) [+ z]`` with ``z = n`` (before) or ``z = f(n)`` (after)."""
 
@@ -151,6 +183,14 @@ class ParallelAdapter(nn.Module):
         return f"position={self.position}, residual={self.residual}"
 
 
+def make_adapter(config: AdapterConfig, dim: int, rank: int) -> nn.Module:
+    """One adapter module of ``config``, initialised as ``config.init`` says."""
+    adapter = ADAPTER_MODULES[config.module](dim, rank, **config.module_options())
+    if config.init == "paper":
+        paper_init_(adapter)
+    return adapter
+
+
 def inject_adapters(backbone: AST, config: AdapterConfig) -> list[nn.Module]:
     """Insert the adapters of ``config`` into every block; returns the new modules."""
     dim = backbone.config.hidden_size
@@ -159,14 +199,19 @@ def inject_adapters(backbone: AST, config: AdapterConfig) -> list[nn.Module]:
     for block in backbone.blocks:
         for sublayer, insertion, position in config.placements():
             taps = getattr(block, sublayer)
-            adapter = ADAPTER_MODULES[config.module](dim, rank, **config.module_options())
+            adapter = make_adapter(config, dim, rank)
             residual = config.uses_residual(insertion)
             if insertion == "parallel":
                 placed: nn.Module = ParallelAdapter(adapter, residual, position)
                 taps.branches.append(placed)
-            else:
+            elif position == "after":
                 placed = SequentialAdapter(adapter, residual)
-                (taps.input_transforms if position == "before" else taps.output_transforms).append(placed)
+                taps.output_transforms.append(placed)
+            else:  # before: n -> A(n) feeds f; the residual adds A(n) to f's output
+                placed = SequentialAdapter(adapter, residual=False)
+                taps.input_transforms.append(placed)
+                if residual:
+                    taps.branches.append(SublayerInput())
             added.append(placed)
     return added
 

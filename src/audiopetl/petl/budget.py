@@ -2,8 +2,8 @@
 
 Counts come from building the real model on the ``meta`` device (shapes, no memory), so
 they can never drift from what training uses. The paper counts exclude the head and the
-final LayerNorm except for linear probing and full fine-tuning
-(:meth:`PETLModel.paper_parameter_count`).
+final LayerNorm except for linear probing and full fine-tuning, and BitFit's final
+LayerNorm bias (:meth:`PETLModel.paper_parameter_count`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ PAPER_ROWS: list[tuple[str, str, Any, int | None, str]] = [
     ("I", "Full FT", "full", 85_500_000,
      "paper 85.5M matches no clip length exactly; ours depends on max_frames (position table)"),
     ("I", "Linear", "linear", None, "paper: 9-40K over its datasets (10-50 classes); head + final LayerNorm"),
-    ("I", "BitFit", "bitfit", 102_000, ""),
+    ("I", "BitFit", "bitfit", 102_000, "12 x 8,448 block biases + the final LayerNorm's bias"),
     ("I", "SPT-300", "spt", 230_000, ""),
     ("I", "DPT-25", "dpt", 230_000, ""),
     ("I", "Pref-T 24", "prefix", 221_000, ""),
@@ -59,7 +59,7 @@ PAPER_ROWS: list[tuple[str, str, Any, int | None, str]] = [
     ("V", "HOU par", "bottleneck_hou_par", 498_000, ""),
     ("V", "HOU mixed", "bottleneck_hou_mixed", 498_000, ""),
     ("V", "HYDRA FFN", "bottleneck_hydra", 470_000,
-     "paper 470K; ours: two RR-64 adapters + the FFN LayerNorm per layer, as the reference code builds it"),
+     "paper 470K (HYDRA has no published code); ours: two RR-64 adapters + the FFN LayerNorm per layer"),
     ("VI", "LoRA (RR 64)", {"method": "lora", "reduction_rate": 64}, 442_000, ""),
     ("VI", "Adapter + LoRA", [_ADAPTER_FFN_PAR, "lora"], 470_000, ""),
     ("VI", "Adapter + DPT-25", [_ADAPTER_FFN_PAR, "dpt"], 479_000, ""),

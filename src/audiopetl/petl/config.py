@@ -19,6 +19,10 @@ ADAPTER_LAYOUTS = ("pfeiffer", "houlsby", "houlsby_mixed", "hydra")
 SUBLAYERS = ("mhsa", "ffn")
 INSERTIONS = ("parallel", "sequential")
 POSITIONS = ("before", "after")
+# "default": our initialisations (each module says which and why); "paper": what the published
+# runs effectively had (new nn.Linear weights trunc-normal std 0.02 with zero bias, prompts and
+# prefixes uniform with VPT's RGB bound). Each method module implements both.
+INITS = ("default", "paper")
 
 
 def _choice(owner: str, field: str, value, choices) -> None:
@@ -63,7 +67,7 @@ class LinearProbeConfig(_MethodConfig):
 
 @dataclass(frozen=True)
 class BitFitConfig(_MethodConfig):
-    """Train the biases of every Linear and LayerNorm of the encoder and the patch embedding."""
+    """Train the biases of every Linear and LayerNorm of the encoder, the final LayerNorm's included."""
 
     method: ClassVar[str] = "bitfit"
 
@@ -74,15 +78,21 @@ class PromptConfig(_MethodConfig):
 
     ``deep=False`` (SPT): inserted once, before the first layer. ``deep=True`` (DPT): every
     layer gets its own ``num_prompts`` fresh prompts, replacing the previous layer's.
+    ``distillation_token=False``: the first layer drops the distillation token, so the
+    sequence is [CLS, prompts, patches] as in the published code.
     """
 
     method: ClassVar[str] = "prompt"
     num_prompts: int = 25
     deep: bool = True
+    distillation_token: bool = True
+    init: str = "default"
 
     def __post_init__(self) -> None:
         _positive_int("PromptConfig", "num_prompts", self.num_prompts)
         _bool("PromptConfig", "deep", self.deep)
+        _bool("PromptConfig", "distillation_token", self.distillation_token)
+        _choice("PromptConfig", "init", self.init, INITS)
 
 
 @dataclass(frozen=True)
@@ -91,9 +101,11 @@ class PrefixConfig(_MethodConfig):
 
     method: ClassVar[str] = "prefix"
     num_tokens: int = 24
+    init: str = "default"
 
     def __post_init__(self) -> None:
         _positive_int("PrefixConfig", "num_tokens", self.num_tokens)
+        _choice("PrefixConfig", "init", self.init, INITS)
         if self.num_tokens % 2:
             raise ValueError(
                 f"PrefixConfig.num_tokens must be even (split equally between keys and values), got {self.num_tokens}"
@@ -111,8 +123,10 @@ class LoRAConfig(_MethodConfig):
     targets: tuple[str, ...] = ("q", "v")
     reduction_rate: int = 128
     alpha: float = 8.0
+    init: str = "default"
 
     def __post_init__(self) -> None:
+        _choice("LoRAConfig", "init", self.init, INITS)
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         object.__setattr__(self, "targets", targets)  # lists from JSON/YAML -> hashable tuple
         if not targets:
@@ -147,6 +161,9 @@ class AdapterConfig(_MethodConfig):
     reference code, and so the paper's parameter counts, do).
     ``kernel_size``: taps of the Conformer module's depthwise convolution (the reference
     code's default, 31); only ``module="conformer"`` uses it.
+    ``convpass_conv=False``: Convpass as published, computing ``up(QuickGELU(QuickGELU(down(x))))``
+    (its convolution's output was discarded); the convolution's weights stay in the model,
+    untrained, so the parameter count is the paper's.
     """
 
     method: ClassVar[str] = "adapter"
@@ -159,6 +176,8 @@ class AdapterConfig(_MethodConfig):
     reduction_rate: int = 64
     train_norm: bool = True
     kernel_size: int = 31
+    convpass_conv: bool = True
+    init: str = "default"
 
     def __post_init__(self) -> None:
         _choice("AdapterConfig", "module", self.module, ADAPTER_MODULES)
@@ -169,6 +188,10 @@ class AdapterConfig(_MethodConfig):
         _bool("AdapterConfig", "residual", self.residual, allow_none=True)
         _bool("AdapterConfig", "train_norm", self.train_norm)
         _positive_int("AdapterConfig", "reduction_rate", self.reduction_rate)
+        _bool("AdapterConfig", "convpass_conv", self.convpass_conv)
+        _choice("AdapterConfig", "init", self.init, INITS)
+        if not self.convpass_conv and self.module != "convpass":
+            raise ValueError(f"AdapterConfig.convpass_conv=False applies to module 'convpass' only, got {self.module!r}")
         if self.layout in ("pfeiffer", "hydra"):
             _choice("AdapterConfig", "location", self.location, (None, *SUBLAYERS))
         elif self.location is not None:
@@ -198,7 +221,11 @@ class AdapterConfig(_MethodConfig):
 
     def module_options(self) -> dict:
         """Constructor options of the adapter module beyond (hidden size, bottleneck width)."""
-        return {"kernel_size": self.kernel_size} if self.module == "conformer" else {}
+        if self.module == "conformer":
+            return {"kernel_size": self.kernel_size}
+        if self.module == "convpass":
+            return {"conv": self.convpass_conv}
+        return {}
 
 
 @dataclass(frozen=True)

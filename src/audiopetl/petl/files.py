@@ -2,9 +2,11 @@
 
 The safetensors metadata holds one JSON entry, ``audiopetl``: format version, method
 configs, head size, pooling, extra trainable names, class names, the backbone's source,
-config and weight fingerprint, and the caller's metadata (frontend settings, dataset...).
-Loading rebuilds the model on the backbone the file names (or the one given) and refuses
-a backbone whose config or fingerprint differs, and files that cannot be read.
+config and weight fingerprint, the caller's metadata (frontend settings, dataset, the
+precision it was trained in...) and a SHA-256 of the tensors. Saving refuses NaN/Inf tensors.
+Loading verifies the checksum and finiteness, rebuilds the model on the backbone the file
+names (or the one given) and refuses a backbone whose config or fingerprint differs, and
+files that cannot be read.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_path
+from ..atomic import WriteError, atomic_path, write_error
+from ..integrity import non_finite, tensor_checksum
 from .registry import method_from_dict
 
 if TYPE_CHECKING:
@@ -67,9 +70,18 @@ def save_adapter(
         name: t.detach().cpu().to(stored if t.is_floating_point() else t.dtype).contiguous()
         for name, t in model.adapter_state_dict().items()
     }
+    bad = non_finite(tensors)
+    if bad:
+        raise ValueError(f"not saving {str(path)!r}: tensors {bad[:5]} hold NaN or infinite values")
+    header["checksum"] = tensor_checksum(tensors)
     path = Path(path)
-    with atomic_path(path) as temp:
-        save_file(tensors, temp, metadata={HEADER_KEY: json.dumps(header)})
+    try:
+        with atomic_path(path) as temp:
+            save_file(tensors, temp, metadata={HEADER_KEY: json.dumps(header)})
+    except WriteError:
+        raise
+    except Exception as error:  # safetensors reports write failures with its own error type
+        raise write_error(path, error) from error
     return path
 
 
@@ -112,13 +124,7 @@ def load_adapter(path: str | Path, backbone: AST | None = None, map_location: st
         raise AdapterFileError(f"{path}: cannot read the tensors ({err})") from err
     record = header["backbone"]
     if backbone is None:
-        from ..backbone.checkpoint import load_backbone
-
-        if not record.get("source"):
-            raise AdapterFileError(f"{path}: the file names no backbone; pass backbone=")
-        backbone = load_backbone(
-            record["source"], max_frames=record["config"].get("max_frames"), pos_embed=record.get("pos_embed") or "adapt"
-        ).to(map_location)
+        backbone = load_recorded_backbone(path, record).to(map_location)
     _check_backbone(path, record, backbone)
     try:
         methods = [method_from_dict(values) for values in header["methods"]]
@@ -134,7 +140,22 @@ def load_adapter(path: str | Path, backbone: AST | None = None, map_location: st
         metadata=header["metadata"],
     )
     _load_trained(path, model, tensors)
+    _check_integrity(path, header, tensors)
     return model
+
+
+def load_recorded_backbone(path: str | Path, record: dict) -> torch.nn.Module:
+    """The backbone an adapter file's ``backbone`` record names, of any family (CPU).
+
+    ``max_frames`` and ``pos_embed`` are recorded for AST only; speech encoders take neither.
+    """
+    from ..backbone.checkpoint import load_backbone
+
+    if not record.get("source"):
+        raise AdapterFileError(f"{path}: the file names no backbone to load; pass backbone=")
+    return load_backbone(
+        record["source"], max_frames=record["config"].get("max_frames"), pos_embed=record.get("pos_embed") or "adapt"
+    )
 
 
 def _check_backbone(path: str | Path, record: dict, backbone: AST) -> None:
@@ -152,6 +173,14 @@ def _check_backbone(path: str | Path, record: dict, backbone: AST) -> None:
             f"{path}: made for {made_for} (weights fingerprint {record['fingerprint']}), but the given backbone "
             f"{getattr(backbone, 'source', '')!r} has fingerprint {digest}; load the backbone it was trained on"
         )
+
+
+def _check_integrity(path: str | Path, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+    if header.get("checksum") != tensor_checksum(tensors):
+        raise AdapterFileError(f"{path}: the file is corrupt (its tensors do not match the checksum in its header)")
+    bad = non_finite(tensors)
+    if bad:
+        raise AdapterFileError(f"{path}: tensors {bad[:5]} hold NaN or infinite values; the adapter is unusable")
 
 
 def _load_trained(path: str | Path, model: PETLModel, tensors: dict[str, torch.Tensor]) -> None:

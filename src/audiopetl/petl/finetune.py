@@ -27,18 +27,28 @@ def linear_parameters(backbone: AST, config: LinearProbeConfig) -> list[nn.Param
 
 
 def bitfit_parameters(backbone: AST, config: BitFitConfig) -> list[nn.Parameter]:
-    """Biases of every Linear and LayerNorm in the blocks, and of the input embedding
-    (``backbone.embedding_biases()``: AST's patch-embedding conv; the speech encoders'
-    feature projection, positional convolution and, post-LN, the LayerNorm after it).
+    """Biases of every Linear and LayerNorm of the encoder: the input embedding's
+    (``backbone.embedding_biases()`` that belong to one: the speech encoders' feature
+    projection and LayerNorm), the blocks' and the final LayerNorm's.
 
-    The final LayerNorm's bias is left out here: it is trained with every method, and the
-    paper's 102K excludes it.
+    The published code's set: at ViT-B, 12 layers x 8,448 biases (q, k, v, o: 4 x 768;
+    FFN: 3,072 + 768; two LayerNorms: 2 x 768) + the final LayerNorm's 768 = 102,144, the
+    paper's 102K. Convolutions (AST's patch embedding, the speech encoders' positional
+    convolution) keep their biases frozen; so does the final LayerNorm its weight (see
+    ``build_model``).
     """
-    biases = list(backbone.embedding_biases())
-    for module in backbone.blocks.modules():
-        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
-            biases.append(module.bias)
-    return biases
+    linear_or_norm = {
+        id(module.bias)
+        for module in backbone.modules()
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None
+    }
+    biases = [bias for bias in backbone.embedding_biases() if id(bias) in linear_or_norm]
+    biases += [
+        module.bias
+        for module in backbone.blocks.modules()
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None
+    ]
+    return [*biases, backbone.norm.bias]
 
 
 def extra_parameters(backbone: AST, names: Iterable[str]) -> list[nn.Parameter]:
@@ -46,7 +56,8 @@ def extra_parameters(backbone: AST, names: Iterable[str]) -> list[nn.Parameter]:
     own groups (``backbone.trainable_groups()``: AST ``pos_embed``; speech encoders
     ``pos_conv``, ``feature_projection``).
 
-    ``final_norm`` is accepted for explicitness; it is trained with every method anyway.
+    ``final_norm``: trained with every method anyway, except BitFit alone, which trains its
+    bias only (as published); naming it there trains its weight too.
     """
     selected: list[nn.Parameter] = []
     groups = backbone.trainable_groups()

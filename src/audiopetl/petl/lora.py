@@ -24,11 +24,13 @@ class LoRALinear(LowRankUpdate):
     attention run its frozen ``base`` inside the fused q/k/v GEMM and add its update there.
 
     ``lora_down`` holds A and ``lora_up`` holds B, stored as ``nn.Linear`` weights
-    ((out, in) layout). A is initialised as ``nn.Linear`` would (kaiming-uniform,
+    ((out, in) layout). ``init="default"``: A as ``nn.Linear`` would (kaiming-uniform,
     a=sqrt(5)) and B with zeros, so the wrapped layer starts as the pre-trained one.
+    ``init="paper"``: both trunc-normal(std 0.02), what the published runs had (their
+    A and B were ``nn.Linear`` layers that transformers' ``from_pretrained`` re-initialised).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float) -> None:
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, init: str = "default") -> None:
         super().__init__()
         if rank > min(base.in_features, base.out_features):
             raise ValueError(f"LoRA rank {rank} exceeds the projection size {tuple(base.weight.shape)}")
@@ -36,7 +38,11 @@ class LoRALinear(LowRankUpdate):
         self.scaling = scaling
         self.lora_down = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+        if init == "paper":
+            nn.init.trunc_normal_(self.lora_down, std=0.02)
+            nn.init.trunc_normal_(self.lora_up, std=0.02)
+        else:
+            nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
         self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
@@ -80,7 +86,7 @@ def inject_lora(backbone: AST, config: LoRAConfig) -> list[nn.Module]:
                 raise ValueError(
                     f"projection {target!r} is already wrapped ({type(base).__name__}); one LoRA per projection"
                 )
-            wrapped = LoRALinear(base, rank, config.scaling)
+            wrapped = LoRALinear(base, rank, config.scaling, init=config.init)
             block.replace_linear(target, wrapped)
             added.append(wrapped)
     return added

@@ -3,8 +3,9 @@
 Building has three steps, kept apart as in PEFT: (1) pick the backbone tensors the
 methods train (on the plain backbone), (2) inject the new modules through the backbone's
 extension points (the same on every family, see :mod:`audiopetl.backbone.registry`),
-(3) freeze everything else. Every model also trains a linear head on
-the pooled output and the final LayerNorm, as the reference implementation does.
+(3) freeze everything else. Every model also trains a linear head on the pooled output
+and the final LayerNorm, as the reference implementation does (BitFit alone: the final
+LayerNorm's bias only, as there).
 """
 
 from __future__ import annotations
@@ -121,11 +122,14 @@ class PETLModel(nn.Module):
         """Trained parameters as the paper counts them.
 
         The head and final LayerNorm are left out, except for linear probing and full
-        fine-tuning where they are (part of) what the method trains.
+        fine-tuning where they are (part of) what the method trains, and the final
+        LayerNorm's bias, one of BitFit's biases.
         """
         if any(isinstance(m, (FullFinetuneConfig, LinearProbeConfig)) for m in self.methods):
             return self.num_trainable()
         shared = {id(p) for p in (*self.head.parameters(), *self.backbone.norm.parameters())}
+        if any(isinstance(m, BitFitConfig) for m in self.methods):
+            shared.discard(id(self.backbone.norm.bias))  # one of the biases BitFit trains
         return sum(p.numel() for p in self.trainable_parameters() if id(p) not in shared)
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
@@ -198,12 +202,16 @@ def build_model(
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"got {len(class_names)} class names for num_classes={num_classes}")
+    if pooling == "cls_dist" and any(isinstance(m, PromptConfig) and not m.distillation_token for m in methods):
+        raise ValueError("pooling 'cls_dist' needs the distillation token, which distillation_token=False prompts drop")
     _check_plain(backbone)
     metadata = dict(metadata or {})
     record = _backbone_record(backbone, metadata)
 
     trained = list(extra_parameters(backbone, extra_trainable))
-    trained += backbone.norm.parameters()
+    if not all(isinstance(m, BitFitConfig) for m in methods):
+        # BitFit alone trains the final LayerNorm's bias only (its own selection), as published.
+        trained += backbone.norm.parameters()
     for config in methods:
         if type(config) in SELECT:
             trained += SELECT[type(config)](backbone, config)

@@ -24,8 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..experiments.inference import prediction_record
-from ..frontend import AudioError, load_audio
-from ..frontend.fbank import num_frames
+from ..frontend import AudioError, channel_policy, load_audio
 from .batching import Batcher
 from .tasks import Engine, Task
 
@@ -262,19 +261,18 @@ def _decode(task: Task, data: bytes, filename: str | None) -> tuple[torch.Tensor
         handle.write(data)
         handle.flush()
         try:
-            wave = load_audio(handle.name, sample_rate=task.frontend.sample_rate)
+            wave = load_audio(handle.name, sample_rate=task.frontend.sample_rate, channels=channel_policy(task.frontend.settings))
         except AudioError as error:
             reason = error.reason.replace(handle.name, name)  # the temporary file's name means nothing to the client
             if reason.startswith("cannot decode"):
                 message = f"{name} is not audio we can decode (WAV, FLAC or OGG): {reason}"
                 raise ClientError(415, "not_audio", message) from None
             raise ClientError(422, "bad_audio", f"cannot use {name}: {reason}") from None
-    frames = num_frames(len(wave), task.frontend)
-    warning = None
-    if frames > task.frontend.max_frames:
-        rate = task.frontend.sample_rate
+    frontend, warning = task.frontend, None
+    if len(wave) > frontend.max_samples:  # every frontend cuts there (filterbank and waveform alike)
+        rate = frontend.sample_rate
         warning = (
-            f"the clip is {len(wave) / rate:.2f} s long; only its first {task.frontend.max_samples / rate:.2f} s "
-            f"({task.frontend.max_frames} frames) were used, as in training"
+            f"the clip is {len(wave) / rate:.2f} s long; only its first {frontend.max_samples / rate:.2f} s "
+            f"({frontend.settings['max_frames']} frames) were used, as in training"
         )
     return torch.from_numpy(wave), warning is not None, warning

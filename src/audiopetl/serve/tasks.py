@@ -26,10 +26,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..backbone import load_backbone, pool
 from ..experiments.inference import waveform_features
-from ..frontend import Fbank, FbankConfig
-from ..petl import AdapterFileError, LoRAConfig, PETLModel, load_adapter, read_adapter_metadata
+from ..frontend import Frontend, frontend_from_settings
+from ..petl import AdapterFileError, LoRAConfig, PETLModel, load_adapter, load_recorded_backbone, read_adapter_metadata
 from ..petl.lora import LoRALinear
 
 LORA_BATCHING = ("shared", "per-task")
@@ -37,13 +36,12 @@ LORA_BATCHING = ("shared", "per-task")
 
 @dataclass
 class Task:
-    """One served adapter: its model (on shared frozen weights) and its frontend."""
+    """One served adapter: its model (on shared frozen weights) and the frontend its file records."""
 
     name: str
     path: Path
     model: PETLModel
-    frontend: FbankConfig
-    fbank: Fbank = field(repr=False)
+    frontend: Frontend = field(repr=False)
 
     @property
     def method(self) -> str:
@@ -55,8 +53,8 @@ class Task:
         return [type(m) for m in self.model.methods] == [LoRAConfig] and not self.model.extra_trainable
 
     def features(self, wave: torch.Tensor) -> torch.Tensor:
-        """(1, frames, mel) model input of one waveform at ``frontend.sample_rate``, as ``predict`` builds it."""
-        return waveform_features(self.fbank, [wave])
+        """(1, *feature_shape) model input of one waveform at ``frontend.sample_rate``, as ``predict`` builds it."""
+        return waveform_features(self.frontend, [wave])
 
     def describe(self) -> dict:
         return {
@@ -104,18 +102,13 @@ def load_tasks(specs: list[str], device: torch.device) -> dict[str, Task]:
                     f"{path}: made for another backbone than {first_path} ({key}: {record.get(key)!r} vs "
                     f"{reference.get(key)!r}); every served adapter must share one backbone"
                 )
-    if not reference.get("source"):
-        raise AdapterFileError(f"{first_path}: the file names no backbone to load")
-    backbone = load_backbone(
-        reference["source"],
-        max_frames=reference["config"]["max_frames"],
-        pos_embed=reference.get("pos_embed") or "adapt",
-    ).to(device)
+    backbone = load_recorded_backbone(first_path, reference).to(device)
     tasks = {}
     for name, path in named:
         model = load_adapter(path, backbone=_sharing_copy(backbone, path)).to(device).eval()
-        frontend = FbankConfig.from_dict(model.metadata["frontend"])
-        tasks[name] = Task(name, path, model, frontend, Fbank(frontend))
+        # As ``predict`` builds it: a filterbank, or the task's own backbone's (shared) feature encoder.
+        frontend = frontend_from_settings(model.metadata["frontend"], model.backbone).to(device)
+        tasks[name] = Task(name, path, model, frontend)
     return tasks
 
 
@@ -187,7 +180,10 @@ class SharedLoRAPass(nn.Module):
         return MultiLoRALinear(base, downs, ups, scalings, self.routing)
 
     def forward(self, features: torch.Tensor, task_index: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of each sample (list, in batch order: tasks have different class counts)."""
+        """Logits of each sample (list, in batch order: tasks have different class counts).
+
+        Each task pools its rows as its own model does: the backbone's ``pool``, which reads
+        the padding mask of the speech encoders from the features."""
         self.routing.index = task_index
         try:
             hidden = self.backbone.encode(features)
@@ -198,7 +194,8 @@ class SharedLoRAPass(nn.Module):
             rows = (task_index == t).nonzero().flatten()
             if len(rows):
                 model = task.model
-                out = model.head(pool(model.backbone.norm(hidden[rows]), model.pooling))
+                embedding = model.backbone.pool(model.backbone.norm(hidden[rows]), features[rows], model.pooling)
+                out = model.head(embedding)
                 for row, value in zip(rows.tolist(), out):
                     logits[row] = value
         return logits
@@ -224,10 +221,13 @@ class Engine:
         """Class probabilities (CPU, float32) of each item, in order; a pass that fails gives its error
         to its own items only."""
         out: list[torch.Tensor | Exception | None] = [None] * len(items)
-        groups: list[tuple[list[int], str | None]] = []  # (rows, task name); None: the shared LoRA pass
-        shared_rows = [i for i, (name, _) in enumerate(items) if name in self.shared_index]
-        if shared_rows:
-            groups.append((shared_rows, None))
+        groups: list[tuple[list[int], str | None]] = []  # (rows, task name); None: a shared LoRA pass
+        # One shared pass per input shape: tasks on one speech encoder may record different clip lengths.
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i, (name, features) in enumerate(items):
+            if name in self.shared_index:
+                shapes.setdefault(tuple(features.shape[1:]), []).append(i)
+        groups.extend((rows, None) for rows in shapes.values())
         for name in dict.fromkeys(name for name, _ in items if name not in self.shared_index):
             groups.append(([i for i, (n, _) in enumerate(items) if n == name], name))
         for rows, name in groups:

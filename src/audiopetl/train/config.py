@@ -9,16 +9,21 @@ method's default" and are filled in by :func:`resolve`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..backbone import POS_EMBED_MODES
 from ..dataclass_dict import from_dict
+from ..frontend.audio import CHANNEL_POLICIES
 from ..petl.files import STORAGE_DTYPES
+from .loop import SELECTIONS
 from .precision import PRECISIONS
 
 # Paper Sec. III-A and the reference hyper-parameters.
 LEARNING_RATES = {"adapter": 5e-3, "prompt": 1e-2, "linear": 1e-3, "full": 5e-5}
+# "default": our setup; "paper": what the published code ran (see train/setups.py).
+SETUPS = ("default", "paper")
 
 
 @dataclass
@@ -27,6 +32,7 @@ class TrainConfig:
     data_root: str
     method: Any = "lora"  # preset name, a method dict, or a list of them (combinations)
     backbone: str = "MIT/ast-finetuned-audioset-10-10-0.4593"
+    setup: str = "default"  # "paper": reproduce the published setup (fixes the fields setups.py lists)
     pos_embed: str = "adapt"
     pooling: str = "mean"
     extra_trainable: tuple[str, ...] = ()
@@ -43,6 +49,8 @@ class TrainConfig:
     eps: float = 1e-6
     grad_accum: int = 1
     specaugment: bool | None = None
+    channels: str = "mean"  # multi-channel files: "mean" of the channels or the "first" one
+    selection: str | None = None  # tested weights: "best" valid epoch, "last"; None: best if the split validates
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -62,6 +70,10 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.folds is not None:
             self.folds = tuple(int(f) for f in self.folds)
+        _check_choice("setup", self.setup, SETUPS)
+        _check_choice("channels", self.channels, CHANNEL_POLICIES)
+        if self.selection is not None:
+            _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("pos_embed", self.pos_embed, POS_EMBED_MODES)
         _check_choice("adapter_dtype", self.adapter_dtype, STORAGE_DTYPES)
@@ -71,10 +83,15 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         if self.grad_accum < 1:
             raise ValueError(f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        # `not (low <= x < high)` also refuses NaN, which every comparison fails.
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ValueError(f"TrainConfig.lr must be a finite positive number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"TrainConfig.eps must be a finite positive number, got {self.eps}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,11 +1,12 @@
-"""The training loop for one split: train, select on validation, test the best weights.
+"""The training loop for one split: train, select on validation, test the selected weights.
 
 Read it top to bottom: :func:`fit` builds AdamW and a per-step cosine schedule over the
 trainable parameters only, runs the epochs (SpecAugment on the fly, gradient
 accumulation, autocast), evaluates the validation split after each epoch, keeps a copy
 of the best trainable tensors, checkpoints atomically, and finally scores the test split
-with the best weights. ``resume=True`` continues from the split's checkpoint and ends
-exactly where an uninterrupted run would.
+with the weights ``LoopSettings.selection`` names: the best validation epoch (``best``)
+or the last epoch (``last``, what the published code reported). ``resume=True``
+continues from the split's checkpoint and ends exactly where an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path, remove_stale_temporaries
+from ..integrity import non_finite
 from ..petl.model import PETLModel
 from . import distributed
 from .checkpoint import copy_state, load_checkpoint, save_checkpoint, write_json
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+SELECTIONS = ("best", "last")
 
 
 @dataclass
@@ -45,6 +49,7 @@ class LoopSettings:
     dtype: torch.dtype = torch.float32
     progress: bool = True
     tensorboard: bool = False
+    selection: str = "best"  # weights tested: "best" validation epoch or "last" epoch (see SELECTIONS)
     fused_adamw: bool | None = None  # one fused AdamW kernel; None: on for CUDA, off on CPU (as measured)
 
 
@@ -127,6 +132,10 @@ def fit(
     cached embeddings passes its own. ``augment(inputs, generator)`` runs on training
     batches only.
     """
+    if settings.selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {settings.selection!r}; valid: {list(SELECTIONS)}")
+    if settings.selection == "best" and not len(valid):
+        raise ValueError("selection 'best' needs validation clips and this split has none; use selection 'last'")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     forward = model if forward is None else forward
@@ -150,6 +159,8 @@ def fit(
     start_epoch = 1
 
     checkpoint_path = run_dir / CHECKPOINT
+    if ranks.is_main:
+        remove_stale_temporaries(run_dir)  # leftovers of a run killed while writing
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         with torch.no_grad():
@@ -160,8 +171,8 @@ def fit(
         generator.set_state(state["generator"])
         best = state["best"]
         start_epoch = state["epoch"] + 1
-    elif (run_dir / LOG).exists() and ranks.is_main:
-        (run_dir / LOG).unlink()  # a fresh run must not append to a stale log
+    if ranks.is_main:
+        trim_log(run_dir / LOG, last_epoch=start_epoch - 1)
 
     writer = _tensorboard(run_dir) if settings.tensorboard and ranks.is_main else None
     for epoch in range(start_epoch, settings.epochs + 1):
@@ -188,6 +199,7 @@ def fit(
             # Sum over this rank's clips / global count * ranks: DDP's mean over ranks then gives
             # the global-batch mean, whatever share each rank had.
             loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+            _check_finite(loss_sum / max(1, len(labels)), run_dir, epoch, step)
             (loss_sum / count * ranks.world_size / settings.grad_accum).backward()
             if step % settings.grad_accum == 0 or step == steps:
                 optimizer.step()
@@ -200,9 +212,10 @@ def fit(
         elapsed = time.perf_counter() - started
         total_loss, correct, seen = distributed.all_sum(total_loss, correct, seen)
 
+        _check_weights(named, run_dir, epoch)
         model.eval()
-        valid_metrics = evaluate(forward, valid, settings)
-        if valid_metrics["accuracy"] > best["accuracy"]:
+        valid_metrics = evaluate(forward, valid, settings) if len(valid) else {"accuracy": None, "loss": None}
+        if settings.selection == "best" and valid_metrics["accuracy"] > best["accuracy"]:
             best = {"accuracy": valid_metrics["accuracy"], "epoch": epoch, "state": copy_state(named)}
         record = {
             "epoch": epoch,
@@ -220,7 +233,8 @@ def fit(
             handle.write(json.dumps(record) + "\n")
         if writer is not None:
             for key, value in record.items():
-                writer.add_scalar(key, value, epoch)
+                if value is not None:  # no validation split: no valid_* scalars
+                    writer.add_scalar(key, value, epoch)
         save_checkpoint(
             checkpoint_path,
             {
@@ -233,23 +247,27 @@ def fit(
             },
         )
         if settings.progress:
+            valid_text = "" if valid_metrics["accuracy"] is None else f" valid acc {valid_metrics['accuracy']:.4f}"
             tqdm.write(
-                f"{run_dir.name} epoch {epoch}: loss {record['train_loss']:.4f} "
-                f"valid acc {record['valid_accuracy']:.4f} ({record['clips_per_s']:.1f} clips/s)"
+                f"{run_dir.name} epoch {epoch}: loss {record['train_loss']:.4f}{valid_text} "
+                f"({record['clips_per_s']:.1f} clips/s)"
             )
     if writer is not None:
         writer.close()
 
-    with torch.no_grad():
-        for name, tensor in best["state"].items():
-            named[name].copy_(tensor)
+    if settings.selection == "best":
+        with torch.no_grad():
+            for name, tensor in best["state"].items():
+                named[name].copy_(tensor)
     model.eval()
     test_metrics = evaluate(forward, test, settings)
     metrics = {
         "test_accuracy": test_metrics["accuracy"],
         "test_loss": test_metrics["loss"],
-        "best_valid_accuracy": best["accuracy"],
-        "best_epoch": best["epoch"],
+        "selection": settings.selection,
+        "tested_epoch": best["epoch"] if settings.selection == "best" else settings.epochs,
+        "best_valid_accuracy": best["accuracy"] if settings.selection == "best" else None,
+        "best_epoch": best["epoch"] if settings.selection == "best" else None,
         "epochs": settings.epochs,
         "num_train": len(train),
         "num_valid": len(valid),
@@ -258,6 +276,56 @@ def fit(
     if ranks.is_main:
         write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+def _check_finite(loss: torch.Tensor, run_dir: Path, epoch: int, step: int) -> None:
+    """Stop at the first non-finite loss, before it reaches the weights or a checkpoint
+    (on every rank at once: a rank that stopped alone would leave the others waiting)."""
+    finite = bool(torch.isfinite(loss))
+    if distributed.current().world_size > 1:
+        finite = distributed.all_sum(float(not finite))[0] == 0
+    if finite:
+        return
+    kept = f"the checkpoint of epoch {epoch - 1} is kept in {run_dir}" if epoch > 1 else "no checkpoint was written"
+    raise NonFiniteLossError(
+        f"{run_dir.name}: the training loss became NaN or infinite at epoch {epoch}, step {step}; training stopped "
+        f"({kept}). Lower the learning rate (--lr) and train again"
+    )
+
+
+def _check_weights(named: dict[str, torch.Tensor], run_dir: Path, epoch: int) -> None:
+    """An update that overflowed leaves non-finite weights: never checkpoint or ship them."""
+    bad = non_finite(named)
+    if bad:
+        raise NonFiniteLossError(
+            f"{run_dir.name}: trained tensors {bad[:3]} became NaN or infinite in epoch {epoch}; training stopped "
+            f"(the last good checkpoint is kept in {run_dir}). Lower the learning rate (--lr) and train again"
+        )
+
+
+def trim_log(path: Path, last_epoch: int) -> None:
+    """Keep the log's records of epochs up to ``last_epoch`` (the checkpoint's): a run killed
+    between writing its log line and its checkpoint repeats that epoch on resume, and a
+    fresh run (``last_epoch`` 0) starts an empty log."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if record.get("epoch", last_epoch + 1) <= last_epoch:
+            kept.append(line)
+    if not kept:
+        path.unlink()
+        return
+    with atomic_path(path) as temp:
+        temp.write_text("".join(line + "\n" for line in kept))
 
 
 def _tensorboard(run_dir: Path):

@@ -4,7 +4,8 @@ The backbone comes first: its frontend (filterbanks for AST, the frozen convolut
 feature encoder for the speech encoders) makes the cached features, so no epoch after
 the first recomputes them.
 
-The run directory holds ``config.yaml`` (the resolved configuration), one sub-directory
+The run directory holds ``config.yaml`` (the resolved configuration, precision included,
+which ``resume`` reads back and refuses to change), one sub-directory
 per split with its log, checkpoint, metrics and best adapter file, ``bad_audio.txt``
 when files were skipped, and ``metrics.json`` with per-split and mean +- std test
 accuracy. A run whose ``metrics.json`` exists is finished.
@@ -14,23 +15,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
+from ..atomic import atomic_path, remove_stale_temporaries
 from ..backbone import load_backbone
 from ..data import SpecAugment, few_shot_subset, get_dataset, index_features, write_bad_audio_report
+from ..frontend import Fbank, channel_policy
 from ..petl import PETLModel, build_model, learning_rate_family, resolve_methods
 from . import distributed
 from .checkpoint import write_json
 from .config import LEARNING_RATES, TrainConfig
 from .embeddings import LinearProbeForward, pooled_embeddings
 from .loop import Batches, LoopSettings, fit
-from .precision import resolve_device, resolve_precision
+from .precision import DTYPES, resolve_device, resolve_precision_name
+from .setups import apply_setup
 
 METRICS = "metrics.json"
+CONFIG = "config.yaml"
 ADAPTER = "adapter.safetensors"
 
 
@@ -39,7 +45,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     dataset = get_dataset(config.dataset)
     defaults = dataset.defaults
     methods = resolve_methods(config.method)
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         config,
         max_frames=config.max_frames or defaults.max_frames,
         epochs=config.epochs or defaults.epochs,
@@ -47,6 +53,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         specaugment=defaults.specaugment if config.specaugment is None else config.specaugment,
         lr=config.lr or LEARNING_RATES[learning_rate_family(methods)],
     )
+    return apply_setup(resolved)
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -71,9 +78,13 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
 
 
 def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, device: torch.device) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (run_dir / CONFIG).exists():  # else nothing was started: a sweep resumes every run
+        config = check_resume(config, run_dir)
+    config = dataclasses.replace(config, precision=resolve_precision_name(config.precision, device))
     if ranks.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+        with atomic_path(run_dir / CONFIG) as temp:
+            temp.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+        remove_stale_temporaries(run_dir)
 
     methods = resolve_methods(config.method)
     settings = LoopSettings(
@@ -86,7 +97,7 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
         grad_accum=config.grad_accum,
         seed=config.seed,
         device=device,
-        dtype=resolve_precision(config.precision, device),
+        dtype=DTYPES[config.precision],
         progress=config.progress,
         tensorboard=config.tensorboard,
     )
@@ -100,14 +111,24 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
         if unknown:
             raise ValueError(f"folds {unknown} do not exist for {config.dataset}; valid: {valid_folds}")
         splits = [splits[f - 1] for f in config.folds]
+    unvalidated = [split.name for split in splits if not split.valid]
+    if config.selection == "best" and unvalidated:
+        raise ValueError(
+            f"selection 'best' needs a validation split; {config.dataset} protocol {config.protocol!r} has none "
+            f"for {unvalidated}: use selection 'last'"
+        )
 
+    # Everything that can fail without audio fails here, before the (long) feature computation.
     backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
-    frontend = backbone.frontend(config.max_frames)
+    check_model(backbone, methods, len(index.class_names), config)
+
+    frontend = _with_channels(backbone.frontend(config.max_frames), config.channels)
     if not frontend.spectrogram:
         frontend.to(device)  # a convolutional feature encoder is worth the accelerator; filterbanks stay on the CPU
     data = index_features(index, frontend, config.cache_dir, config.skip_bad_audio, config.progress)
     if data.bad and ranks.is_main:
-        write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
+        report = write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
+        warn(f"skipped {len(data.bad)} unusable audio file(s); the list with reasons is in {report}")
     features, labels = data.features, data.labels
     linear_probe = config.embedding_cache and all(m.to_dict()["method"] == "linear" for m in methods)
     embeddings = None
@@ -120,6 +141,8 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
         train_idx = data.rows(split.train)
         if config.few_shot:
             train_idx = few_shot_subset(labels, train_idx, config.few_shot, seed=config.few_shot_seed)
+        if ranks.is_main:
+            warn_untrained_classes(split.name, index.class_names, labels, train_idx, data.rows(split.test))
         torch.manual_seed(config.seed)
         model = build_model(
             copy.deepcopy(backbone),
@@ -134,6 +157,8 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
                 "frontend": frontend.settings,
                 "dataset": config.dataset,
                 "split": split.name,
+                "precision": config.precision,
+                "setup": config.setup,
             },
         ).to(device)
         if config.grad_checkpointing:
@@ -152,12 +177,14 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
                     forward = torch.compile(model)
             if config.specaugment and frontend.spectrogram:  # not for waveform frontends' encoder features
                 augment = SpecAugment()
+        # No selection given: the best validation epoch where the split has validation clips, else the last.
+        selection = config.selection or ("best" if split.valid else "last")
         metrics = fit(
             model,
             Batches(inputs, labels, train_idx),
             Batches(inputs, labels, data.rows(split.valid)),
             Batches(inputs, labels, data.rows(split.test)),
-            settings,
+            dataclasses.replace(settings, selection=selection),
             split_dir,
             forward=forward,
             augment=augment,
@@ -171,6 +198,7 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
     accuracies = np.array([r["test_accuracy"] for r in results])
     summary = {
         "dataset": config.dataset,
+        "setup": config.setup,
         "method": [m.to_dict() for m in methods],
         "splits": results,
         "test_accuracy_mean": float(accuracies.mean()),
@@ -182,6 +210,71 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
     if ranks.is_main:
         write_json(run_dir / METRICS, summary)
     return summary
+
+
+# Options a resumed run may change: they do not change what it computes.
+RUNTIME_OPTIONS = ("progress", "tensorboard", "num_workers", "cache_dir")
+
+
+def recorded_config(run_dir: str | Path) -> TrainConfig:
+    """The configuration a run recorded in its ``config.yaml``."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a run directory: it has no {CONFIG} to resume from")
+    try:
+        values = yaml.safe_load(path.read_text())
+        return TrainConfig.from_dict(values)
+    except (yaml.YAMLError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read the run's configuration ({error})") from error
+
+
+def check_resume(config: TrainConfig, run_dir: str | Path) -> TrainConfig:
+    """The run's recorded configuration, after checking ``config`` changes nothing that
+    matters (a resumed run must end exactly as the uninterrupted one would)."""
+    recorded = recorded_config(run_dir)
+    if config.precision == "auto":  # means "as recorded", not "as this machine would choose"
+        config = dataclasses.replace(config, precision=recorded.precision)
+    ours, theirs = _plain(config.to_dict()), _plain(resolve(recorded).to_dict())
+    changed = [k for k in ours if k not in RUNTIME_OPTIONS and ours[k] != theirs.get(k)]
+    if changed:
+        listing = ", ".join(f"{k} ({theirs.get(k)!r} -> {ours[k]!r})" for k in changed)
+        raise ValueError(
+            f"cannot resume {run_dir} with other options, they would change its result: {listing}; "
+            f"resume with the options recorded in {Path(run_dir) / CONFIG}, or train a new run directory"
+        )
+    runtime = {k: getattr(config, k) for k in RUNTIME_OPTIONS}
+    return dataclasses.replace(recorded, **runtime)
+
+
+def check_model(backbone, methods, num_classes: int, config: TrainConfig) -> None:
+    """Build the model on the meta device (no memory, no time) so a method that does not fit
+    the backbone, an unknown extra-trainable name or pooling fails now, not after decoding."""
+    with torch.device("meta"):
+        build_model(
+            type(backbone)(backbone.config), methods, num_classes=num_classes, pooling=config.pooling,
+            extra_trainable=config.extra_trainable,
+        )
+
+
+def warn_untrained_classes(split: str, class_names, labels: np.ndarray, train_rows, test_rows) -> None:
+    """Classes the test set has but training never sees can only be scored wrong."""
+    trained = set(labels[train_rows].tolist())
+    missing = sorted({class_names[c] for c in labels[test_rows].tolist() if c not in trained})
+    if missing:
+        warn(f"{split}: classes {missing} occur in the test set but not in the training set")
+
+
+def warn(message: str) -> None:
+    print(f"audiopetl: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _with_channels(frontend, channels: str):
+    """``frontend`` decoding multi-channel files by ``channels``: the filterbank frontend records the policy."""
+    if channels == channel_policy(frontend.settings):
+        return frontend
+    if not isinstance(frontend, Fbank):
+        raise ValueError(f"channels={channels!r} applies to the filterbank frontend (AST) only")
+    return Fbank(dataclasses.replace(frontend.config, channels=channels))
 
 
 def _parameter_counts(model: PETLModel) -> dict:
@@ -197,4 +290,4 @@ def _plain(value):
     return value
 
 
-__all__ = ["ADAPTER", "METRICS", "is_finished", "resolve", "run_training"]
+__all__ = ["ADAPTER", "CONFIG", "METRICS", "check_resume", "is_finished", "recorded_config", "resolve", "run_training"]
