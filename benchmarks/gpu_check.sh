@@ -9,6 +9,7 @@
 #   GPU_CHECK_BUDGET_S  total seconds (default 360); each step gets what is left of it
 #   WHEELS=DIR          pip-install soundfile/soxr from local wheels (--no-index) if missing:
 #                       only the end-to-end run needs them, and it is skipped without them
+#   GPU_CHECK_CLIPS     clips of the end-to-end run (default 1000; it gets what is left of the budget)
 #   SMOKE=1             run everything on the CPU at tiny size (what the test suite does)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,10 +30,10 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   DEVICE=cuda
   TRAIN=(--shapes 500x32,100x128 --sides audiopetl,hf-sdpa,hf-eager-fp32,audiopetl-eager,hf-sdpa-compile
-         --peer-compile-methods lora --budget-s $((BUDGET * 45 / 100)))
+         --peer-compile-methods lora --budget-s $((BUDGET * 40 / 100)))
   INFER=(--frames 500 --batch 64)
   PROFILE=(--frames 500 --batch 32 --layers 2)
-  E2E=(--clips 1000 --seconds 5 --epochs 3 --batch 32 --workers 8)
+  E2E=(--clips "${GPU_CHECK_CLIPS:-1000}" --seconds 5 --epochs 3 --batch 32 --workers 8)
 fi
 START=$SECONDS
 FAILED=0
@@ -62,9 +63,9 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run with what is left of the budge
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
 } | tee "$OUT/summary.txt"
 
-step train_step $((BUDGET * 60 / 100)) "$PY" benchmarks/bench_train_step.py --device "$DEVICE" "${TRAIN[@]}" --out "$OUT"
-step inference 90 "$PY" benchmarks/bench_inference.py --device "$DEVICE" "${INFER[@]}" --out "$OUT"
-step profile_step 60 "$PY" benchmarks/profile_step.py --device "$DEVICE" "${PROFILE[@]}" --out "$OUT"
+step train_step $((BUDGET * 62 / 100)) "$PY" benchmarks/bench_train_step.py --device "$DEVICE" "${TRAIN[@]}" --out "$OUT"
+step inference 50 "$PY" benchmarks/bench_inference.py --device "$DEVICE" "${INFER[@]}" --out "$OUT"
+step profile_step 40 "$PY" benchmarks/profile_step.py --device "$DEVICE" "${PROFILE[@]}" --out "$OUT"
 
 if ! "$PY" -c 'import soundfile, soxr' 2>/dev/null && [ -n "${WHEELS:-}" ]; then
   "$PY" -m pip install --no-index --find-links "$WHEELS" soundfile soxr >/dev/null
