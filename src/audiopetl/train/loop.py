@@ -50,7 +50,7 @@ class LoopSettings:
     progress: bool = True
     tensorboard: bool = False
     selection: str = "best"  # weights tested: "best" validation epoch or "last" epoch (see SELECTIONS)
-    fused_adamw: bool | None = None  # one fused AdamW kernel; None: on for CUDA, off on CPU (as measured)
+    fused_adamw: bool | None = None  # one fused AdamW kernel; None: on for CUDA, off on CPU (not measured there)
 
 
 @dataclass
