@@ -71,12 +71,12 @@ class WaveformFrontend(nn.Module):
     """Waveforms (batch, samples) -> (batch, frames, conv_dim + 1) float32 on the CPU.
 
     ``encoder`` is the backbone's own feature encoder (shared, not copied);
-    ``num_frames`` maps sample counts to its frame counts; ``channels``: its output width.
+    ``num_frames`` maps sample counts to its frame counts; ``encoder_width``: its output channels per frame.
     """
 
     spectrogram = False  # rows are not a (time, mel) plane: SpecAugment does not apply
 
-    def __init__(self, config: WaveformConfig, encoder: nn.Module, num_frames: Callable, channels: int) -> None:
+    def __init__(self, config: WaveformConfig, encoder: nn.Module, num_frames: Callable, encoder_width: int) -> None:
         super().__init__()
         self.config = config
         self.encoder = encoder
@@ -84,7 +84,7 @@ class WaveformFrontend(nn.Module):
         self.frames = int(num_frames(config.max_samples))
         if self.frames < 1:
             raise ValueError(f"max_frames={config.max_frames} is too short for the feature encoder")
-        self.channels = channels
+        self.encoder_width = encoder_width  # feature channels per frame; not the audio channel policy
         self.encoder_digest = state_digest(encoder)
 
     @property
@@ -94,7 +94,7 @@ class WaveformFrontend(nn.Module):
 
     @property
     def feature_shape(self) -> tuple[int, int]:
-        return self.frames, self.channels + 1
+        return self.frames, self.encoder_width + 1
 
     @property
     def sample_rate(self) -> int:
