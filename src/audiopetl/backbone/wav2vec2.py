@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..dataclass_dict import from_dict
 from .ast import MLP, Block, SublayerTaps
+from .presets import seeded
 
 MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
 POOLINGS = ("mean",)  # no [CLS] token: the clip embedding is the mean of its frames
@@ -611,12 +612,7 @@ PRESETS: dict[str, tuple[SpeechConfig, int]] = {
 def preset(name: str) -> Wav2Vec2:
     """The deterministic preset ``name`` (same weights on every machine), in eval mode."""
     config, seed = PRESETS[name]
-    rng = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return Wav2Vec2(config).eval()
-    finally:
-        torch.random.set_rng_state(rng)
+    return seeded(seed, lambda: Wav2Vec2(config).eval())
 
 
 __all__ = [
