@@ -3,7 +3,7 @@
 Everything lives in a temporary folder (config, state, spool, logs, a private munge socket
 and a copy of the munge key), on free ports, with plugins that need neither systemd nor
 cgroups (proctrack/linuxproc, task/none, no accounting). The programs come from Debian's
-``slurm-wlm`` and ``munge`` packages, installed by ``.ci/slurm``. If they are missing the
+``slurm-wlm`` and ``munge`` packages, installed by ``.ci/system-packages``. If they are missing the
 cluster does not start and the test fails: it never skips.
 """
 
@@ -65,7 +65,7 @@ def slurm_cluster(root: Path, cpus: int = 2, start_timeout: float = 60.0):
     missing = [p for p in PROGRAMS if shutil.which(p) is None]
     if missing or not MUNGE_KEY.exists():
         raise RuntimeError(
-            f"Slurm is not installed (missing {missing or [str(MUNGE_KEY)]}): run .ci/slurm (apt-get install slurm-wlm munge)"
+            f"Slurm is not installed (missing {missing or [str(MUNGE_KEY)]}): run .ci/system-packages (apt-get install slurm-wlm munge)"
         )
     if os.geteuid() != 0:
         raise RuntimeError("the test Slurm cluster runs its daemons as root (SlurmUser=root); run the tests as root")

@@ -1,6 +1,6 @@
 """The try-it page at ``/`` in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
 
-Never lets Playwright download a browser: it must use the system one, which ``.ci/browser``
+Never lets Playwright download a browser: it must use the system one, which ``.ci/system-packages``
 installs. A missing browser FAILS this test (it is an acceptance test of the page).
 """
 
@@ -21,7 +21,7 @@ ARTEFACTS = Path(os.environ.get("AUDIOPETL_TEST_ARTEFACTS", Path(__file__).paren
 
 def test_page_classifies_an_uploaded_wav(tmp_path):
     assert shutil.which(CHROMIUM) or Path(CHROMIUM).is_file(), (
-        f"no Chromium at {CHROMIUM}: install Debian's `chromium` (.ci/browser does) or set AUDIOPETL_CHROMIUM"
+        f"no Chromium at {CHROMIUM}: install Debian's `chromium` (.ci/system-packages does) or set AUDIOPETL_CHROMIUM"
     )
     from playwright import sync_api  # the test extra installs it; its own browser download is never used
     adapters = make_adapters(tmp_path)

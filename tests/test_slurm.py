@@ -1,6 +1,6 @@
 """The Slurm launcher against a real one-node Slurm cluster started by the test.
 
-Needs Debian's slurm-wlm and munge (``.ci/slurm`` installs them); without them the test
+Needs Debian's slurm-wlm and munge (``.ci/system-packages`` installs them); without them the test
 fails rather than skips. One module-scoped cluster; the whole file stays under a few minutes.
 """
 
