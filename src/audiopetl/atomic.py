@@ -47,10 +47,11 @@ class Temporary:
 
         (A temporary from another host is never judged: its writer may be alive there.)
         """
-        return self.host == _HOST and not _process_alive(self.pid)
+        return self.host == _HOST and not process_alive(self.pid)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

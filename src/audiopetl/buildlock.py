@@ -34,6 +34,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .atomic import process_alive
+
 HEARTBEAT = 10.0  # seconds between heartbeats of a held lock
 STALE_AFTER = 120.0  # seconds without a heartbeat after which a lock is taken over
 POLL = 0.5  # seconds between checks of a waiter
@@ -160,10 +162,4 @@ def _owner(content: bytes) -> dict:
 def _pid_alive(pid) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return True  # unknown: let the heartbeat rule decide
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(pid)

@@ -38,7 +38,7 @@ from typing import Callable
 
 import yaml
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, process_alive
 from ..dataclass_dict import from_dict
 from ..train import TrainConfig, is_finished, run_training
 from ..train.run import _plain
@@ -128,12 +128,9 @@ def _alive(state: dict) -> bool:
     if state.get("host") != socket.gethostname():
         return True  # another machine's process: we cannot tell, trust it
     try:
-        os.kill(int(state.get("pid", -1)), 0)
-    except (ProcessLookupError, ValueError):
+        return process_alive(int(state.get("pid", -1)))
+    except ValueError:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------- launchers
