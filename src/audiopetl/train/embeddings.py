@@ -29,10 +29,11 @@ def pooled_embeddings(backbone: AST, features: np.ndarray, pooling: str, setting
         range(0, len(features), settings.batch_size), desc="embeddings", disable=not settings.progress, leave=False
     ):
         batch = torch.from_numpy(np.array(features[start : start + settings.batch_size]))  # copy: the cache is read-only
+        batch = batch.to(settings.device)
         with autocast(settings):
-            hidden = backbone.encode(batch.to(settings.device)).float()
+            hidden = backbone.encode(batch).float()
         normalised = F.layer_norm(hidden, norm.normalized_shape, eps=norm.eps)
-        rows.append(backbone.pool(normalised, batch.to(settings.device), pooling).float().cpu())
+        rows.append(backbone.pool(normalised, batch, pooling).float().cpu())
     return torch.cat(rows).numpy()
 
 
