@@ -1,8 +1,9 @@
 """Atomic, pickle-free, checksummed training checkpoints (for ``--resume``) and small file helpers.
 
-A checkpoint holds the trainable tensors, optimizer and scheduler state, RNG states, the
-epoch and the best weights so far (copies, never references to live parameters), plus a
-SHA-256 of all its tensors. It is written to a temporary file in the same directory and
+A checkpoint holds the trainable tensors, optimizer and scheduler state, the state of the
+generator that draws the batch order and SpecAugment masks, the epoch and the best weights
+so far (copies, never references to live parameters), plus a SHA-256 of all its tensors
+and values. It is written to a temporary file in the same directory and
 renamed, so a run killed while saving leaves the previous checkpoint intact; it is read
 with ``weights_only=True`` and refused, naming the file, when the checksum disagrees.
 """

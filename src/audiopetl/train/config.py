@@ -55,7 +55,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     grad_checkpointing: bool = False
-    compile: bool | None = None  # torch.compile the blocks; None: on for CUDA (whole-model compile measured 1.35x on an H200), off on CPU
+    compile: bool | None = None  # torch.compile the blocks (the whole model if the backbone cannot); None: on for CUDA, off on CPU
     embedding_cache: bool = True  # linear probing: train the head on cached embeddings
     adapter_dtype: str = "fp32"  # storage of the shipped adapter file: fp32 (exact), fp16 or bf16 (half size)
     skip_bad_audio: bool = False
