@@ -18,6 +18,8 @@ from audiopetl.cli.main import main
 from audiopetl.experiments.synthetic import make_synthetic_dataset
 from audiopetl.train import ADAPTER, TrainConfig, distributed, run_training
 from audiopetl.train import loop as loop_module
+from audiopetl.train import run as run_module
+from audiopetl.train.precision import FAST_BF16_ENV
 
 LORA = {"method": "lora", "targets": ["q", "v"], "reduction_rate": 16, "alpha": 8.0}
 # Float tolerance: DDP sums two ranks' partial gradients where one process sums one batch.
@@ -112,3 +114,24 @@ def test_a_killed_two_process_run_resumes_exactly(dataset, one_process_lora, tmp
     (log,) = (tmp_path / "run").glob("*/log.jsonl")
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]
     assert_same_run(tmp_path / "run", one_process_lora)
+
+
+def _train_on_differing_cpus(config: TrainConfig, run_dir: Path, out: Path) -> None:
+    rank = os.environ["RANK"]
+    os.environ[FAST_BF16_ENV] = "1" if rank == "0" else "0"  # rank 0's CPU multiplies bf16 fast, rank 1's not
+    real_fit = run_module.fit
+
+    def recording_fit(*args, **kwargs):
+        (out / f"rank{rank}").write_text(str(args[4].dtype))  # fit(model, train, valid, test, settings, ...)
+        return real_fit(*args, **kwargs)
+
+    run_module.fit = recording_fit
+    run_training(config, run_dir)
+
+
+def test_ranks_on_differing_cpus_all_take_rank_0s_precision(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    values = {**options(dataset, tmp_path / "cache", LORA, 8), "precision": "auto", "epochs": 1}
+    distributed.spawn(_train_on_differing_cpus, 2, TrainConfig(**values), tmp_path / "run", tmp_path)
+    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == str(torch.bfloat16)
+    assert "precision: bf16" in (tmp_path / "run" / "config.yaml").read_text()

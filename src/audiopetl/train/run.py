@@ -80,7 +80,9 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
 def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, device: torch.device) -> dict:
     if resume and (run_dir / CONFIG).exists():  # else nothing was started: a sweep resumes every run
         config = check_resume(config, run_dir)
-    config = dataclasses.replace(config, precision=resolve_precision_name(config.precision, device))
+    # Rank 0's choice for every rank: ranks on CPUs that differ must not compute (or resume) differently.
+    precision = distributed.gather(resolve_precision_name(config.precision, device))[0]
+    config = dataclasses.replace(config, precision=precision)
     if ranks.is_main:
         with atomic_path(run_dir / CONFIG) as temp:
             temp.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
