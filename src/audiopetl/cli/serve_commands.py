@@ -87,7 +87,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     onnx.add_argument("adapter", type=Path, help="adapter file written by `train`")
     onnx.add_argument("out", type=Path, help="output .onnx file")
-    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    onnx.add_argument("--opset", type=int, default=18,
+                      help="ONNX opset version (default: 18, what torch's exporter writes; lower ones are converted)")
 
 
 def run_export(args: argparse.Namespace) -> None:
