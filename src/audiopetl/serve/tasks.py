@@ -7,7 +7,9 @@ adapters in memory.
 
 Two ways to run a batch that mixes tasks (``lora_batching``):
 
-* ``shared`` (default): every task whose only method is LoRA joins one backbone pass.
+* ``shared`` (default): every task whose only method is LoRA joins one backbone pass
+  (one per input shape and recorded precision, each under that precision's autocast as in
+  ``predict``; in bf16 the stacked updates round differently, within bf16 tolerance).
   Each LoRA projection holds the stacked low-rank updates of all those tasks and adds,
   for each sample, the update of the sample's own task (gathered by task index, then two
   batched matmuls). Merging weights is not an option across tasks: a merged projection
