@@ -12,11 +12,12 @@ backbone it runs on:
 
 * ``config`` (``hidden_size``, ``to_dict()``), ``blocks`` (each with the extension points of
   :class:`~audiopetl.backbone.ast.Block`), ``norm`` (the last LayerNorm before pooling,
-  trained with every method), ``encode(x)`` / ``forward(x) = norm(encode(x))``,
-  ``gradient_checkpointing``;
+  trained with every method; BitFit alone trains its bias only), ``encode(x)`` /
+  ``forward(x) = norm(encode(x))``, ``gradient_checkpointing``;
 * ``prompt_start`` (sequence position of inserted prompt tokens) and ``input_fan_in`` (fan-in
   of one input token, for the prompt init bound);
-* ``embedding_biases()`` (what BitFit trains outside the blocks), ``trainable_groups()``
+* ``embedding_biases()`` (the input embedding's biases; BitFit trains those of Linear and
+  LayerNorm modules, not AST's patch convolution), ``trainable_groups()``
   (named parameter groups for ``extra_trainable``), ``poolings`` and
   ``pool(hidden, inputs, mode)``;
 * ``frontend(max_frames)``: the :class:`~audiopetl.frontend.Frontend` that turns audio into
