@@ -34,7 +34,6 @@ dropped and listed in the :class:`LoadReport`; anything else that does not fit r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -51,7 +50,7 @@ from safetensors.torch import load_file
 
 from .ast import AST, NUM_SPECIAL_TOKENS, ASTConfig
 from .presets import TINY_CONFIG, TINY_RANDOM, tiny_random_state
-from .registry import family_for_preset, family_for_type, fingerprint
+from .registry import digest_tensors, family_for_preset, family_for_type, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -487,12 +486,7 @@ def fingerprint_state_dict(state: Mapping[str, torch.Tensor]) -> str:
     missing = [key for key in ("patch_embed.proj.weight", "pos_embed") if key not in canonical]
     if missing:
         raise ValueError(f"not an AST backbone state dict: missing {missing}")
-    digest = hashlib.sha256()
-    for key in sorted(canonical):
-        tensor = canonical[key].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{key}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return digest_tensors(canonical)
 
 
 def backbone_fingerprint(model) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from types import ModuleType
 
 import torch
@@ -73,9 +74,15 @@ def fingerprint(model: nn.Module) -> str:
     with torch.device("meta"):
         names = set(build_backbone(model.config).state_dict())
     state = {re.sub(r"\.base\.(weight|bias)$", r".\1", k): t for k, t in model.state_dict().items()}
+    return digest_tensors({key: state[key] for key in names})
+
+
+def digest_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """First 16 hex digits of a sha256 over ``tensors`` by sorted name, shape and float32 bytes
+    (so it does not depend on dtype, device or key order): the backbone fingerprints' hash."""
     digest = hashlib.sha256()
-    for key in sorted(names):
-        tensor = state[key].detach().to("cpu", torch.float32).contiguous()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu", torch.float32).contiguous()
         digest.update(f"{key}{tuple(tensor.shape)}".encode())
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -84,6 +91,7 @@ def fingerprint(model: nn.Module) -> str:
 __all__ = [
     "FAMILIES",
     "build_backbone",
+    "digest_tensors",
     "family_for_preset",
     "family_for_type",
     "fingerprint",
