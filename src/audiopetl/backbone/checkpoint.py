@@ -48,9 +48,10 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from safetensors.torch import load_file
 
+from ..integrity import digest_tensors
 from .ast import AST, NUM_SPECIAL_TOKENS, ASTConfig
 from .presets import TINY_CONFIG, TINY_RANDOM, tiny_random_state
-from .registry import digest_tensors, family_for_preset, family_for_type, fingerprint
+from .registry import family_for_preset, family_for_type, fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -27,14 +27,13 @@ backbone it runs on:
 
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import Mapping
 from types import ModuleType
 
 import torch
 from torch import nn
 
+from ..integrity import digest_tensors
 from . import wav2vec2
 from .ast import AST, ASTConfig
 
@@ -77,21 +76,10 @@ def fingerprint(model: nn.Module) -> str:
     return digest_tensors({key: state[key] for key in names})
 
 
-def digest_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
-    """First 16 hex digits of a sha256 over ``tensors`` by sorted name, shape and float32 bytes
-    (so it does not depend on dtype, device or key order): the backbone fingerprints' hash."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{key}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
 
 __all__ = [
     "FAMILIES",
     "build_backbone",
-    "digest_tensors",
     "family_for_preset",
     "family_for_type",
     "fingerprint",
