@@ -8,6 +8,7 @@ own outputs; a bounded load test runs without errors.
 from __future__ import annotations
 
 import asyncio
+import socket
 import statistics
 import time
 
@@ -262,6 +263,18 @@ def test_adapters_for_another_backbone_are_refused_naming_the_file(tmp_path, cap
     assert "other_frames.safetensors" in capsys.readouterr().err
     with pytest.raises(ValueError, match="given twice"):
         load_tasks([str(good), f"good={other}"], torch.device("cpu"))
+
+
+def test_a_taken_or_invalid_port_fails_before_any_model_loads(tmp_path, capsys):
+    unreadable = tmp_path / "broken.safetensors"  # would fail loading: the port must fail first
+    unreadable.write_bytes(b"not an adapter")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        assert main(["serve", str(unreadable), "--port", str(taken.getsockname()[1])]) == 2
+    assert "choose another --port" in capsys.readouterr().err
+    assert main(["serve", str(unreadable), "--port", "70000"]) == 2
+    assert "--port must be 0-65535" in capsys.readouterr().err
 
 
 def test_a_real_fault_is_a_logged_500_and_the_server_keeps_answering(tmp_path, caplog):
