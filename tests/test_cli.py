@@ -52,6 +52,7 @@ def test_flags_override_a_yaml_config_and_the_rest_comes_from_it(tmp_path):
         (["train", "--dataset", "esc50", "--data-root", "x", "--method", "lora", "--targets", "q,x"], "targets"),
         (["train", "--dataset", "nope", "--data-root", "x"], "esc50"),
         (["train", "--data-root", "x"], "--dataset"),
+        (["train", "--dataset", "esc50", "--data-root", "x", "--method", "lora", "--nproc", "0"], "--nproc must be >= 1"),
     ],
 )
 def test_invalid_options_fail_before_any_work_with_the_valid_choices(argv, message, capsys):

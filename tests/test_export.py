@@ -81,12 +81,23 @@ def test_onnx_export_gives_our_logits_at_any_batch_size(tmp_path, name):
     meta = {p.key: p.value for p in graph.metadata_props}
     model = load_adapter(adapter).eval()
     assert json.loads(meta["audiopetl.class_names"]) == model.class_names
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [18]  # export_onnx's default
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
         x = features(batch)
         (logits,) = session.run(["logits"], {"features": x.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(logits), model(x), atol=1e-3, rtol=0)
+
+
+def test_onnx_export_refuses_an_opset_it_cannot_write(tmp_path, capsys):
+    # torch exports at its own opset and converts down; where that fails it keeps its own,
+    # which must not pass for the opset asked for.
+    adapter = make_adapter(tmp_path / "lora.safetensors", METHODS["lora"], seed=4)
+    out = tmp_path / "model.onnx"
+    assert main(["export", "onnx", str(adapter), str(out), "--opset", "16"]) == 2
+    assert "--opset 16" in capsys.readouterr().err  # LayerNormalization needs 17
+    assert not out.exists() and list(tmp_path.iterdir()) == [adapter]
 
 
 def test_peft_export_without_base_names_the_backbone(tmp_path):

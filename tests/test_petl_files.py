@@ -197,6 +197,12 @@ def test_flipped_bytes_and_non_finite_tensors_are_refused_naming_the_file(tiny, 
     with pytest.raises(AdapterFileError, match="nan.safetensors.*NaN"):
         load_adapter(nan_file, backbone=copy.deepcopy(tiny))
 
+    del header["checksum"]  # a file written before adapter files carried a checksum: refused, not called corrupt
+    unverifiable = tmp_path / "unverifiable.safetensors"
+    save_file(load_file(str(good)), str(unverifiable), metadata={"audiopetl": json.dumps(header)})
+    with pytest.raises(AdapterFileError, match="unverifiable.safetensors.*no tensor checksum"):
+        load_adapter(unverifiable, backbone=copy.deepcopy(tiny))
+
     with torch.no_grad():
         model.head.bias.fill_(float("inf"))
     with pytest.raises(ValueError, match="head.bias"):

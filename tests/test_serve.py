@@ -8,6 +8,7 @@ own outputs; a bounded load test runs without errors.
 from __future__ import annotations
 
 import asyncio
+import socket
 import statistics
 import time
 
@@ -16,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from audio_fixtures import tone, write_audio
-from serve_fixtures import FRAMES, make_adapter, make_adapters, make_clips, start_server, stop_server
+from audio_fixtures import noise, tone, write_audio
+from serve_fixtures import CLASSES, FRAMES, METHODS, make_adapter, make_adapters, make_clips, start_server, stop_server
 from audiopetl.cli.main import main
 from audiopetl.experiments.inference import predict_files
+from audiopetl.frontend import load_audio
 from audiopetl.petl import AdapterFileError, LoRAConfig, load_adapter
 from audiopetl.serve import Engine, load_tasks
 from audiopetl.serve.batching import Batcher
@@ -210,6 +212,41 @@ def test_concurrent_requests_are_batched(tasks):
     assert batches == 1 and engine.passes == 3 and len(results) == len(items)
 
 
+def test_each_task_runs_in_the_precision_its_file_records(tmp_path):
+    # `train` records bf16 on machines with fast bf16, and `predict` runs such files under bf16
+    # autocast: the server must too, also when fp32 and bf16 LoRA tasks are batched together.
+    torch.manual_seed(0)  # make_adapter's new layers start from the global generator
+    specs = []
+    for seed, name in enumerate(("lora", "lora_wide", "adapter")):
+        path = make_adapter(tmp_path / f"{name}.safetensors", METHODS[name], seed)
+        bf16 = load_adapter(path).save_adapter(tmp_path / f"{name}_bf16.safetensors", {"precision": "bf16"})
+        specs.append(f"{name}_bf16={bf16}")
+    specs.insert(0, f"lora={tmp_path / 'lora.safetensors'}")  # lora_bf16's weights, recorded as fp32
+    tasks = load_tasks(specs, torch.device("cpu"))
+    clip = write_audio(tmp_path / "clip.wav", tone(440, 0.8) + noise(0.8, seed=3), 16000)
+    features = tasks["lora"].features(torch.from_numpy(load_audio(clip, sample_rate=16000)))
+    expected = {}
+    for name, task in tasks.items():
+        ranked = predict_files(task.path, [clip], top_k=len(CLASSES), device="cpu")[0]["top_k"]
+        scores = {e["label"]: e["score"] for e in ranked}
+        expected[name] = [scores[c] for c in CLASSES]
+    per_task, shared = Engine(tasks, "per-task"), Engine(tasks, "shared")
+    got = dict(zip(tasks, per_task.run([(name, features) for name in tasks])))
+    for name in tasks:
+        assert got[name].tolist() == pytest.approx(expected[name], abs=2e-6), name
+    # The shared pass adds the stacked low-rank updates in another order, which bf16 rounds
+    # differently: bf16 tolerance there (fp32 and bf16 differ by far more, see below).
+    together = dict(zip(tasks, shared.run([(name, features) for name in tasks])))
+    assert shared.passes == 3  # the fp32 LoRA task, both bf16 LoRA tasks in one pass, the bf16 adapter
+    for name in tasks:
+        tolerance = 2e-6 if name == "lora" else 1e-2
+        assert together[name].tolist() == pytest.approx(expected[name], abs=tolerance), name
+    # Run in fp32, the bf16 tasks answer measurably otherwise: the comparisons above tell them apart.
+    with torch.no_grad():
+        fp32 = [tasks[name].model(features).softmax(-1)[0] - got[name] for name in tasks if name != "lora"]
+    assert max(float(d.abs().max()) for d in fp32) > 1e-4
+
+
 def test_adapters_for_another_backbone_are_refused_naming_the_file(tmp_path, capsys):
     good = make_adapter(tmp_path / "good.safetensors", LoRAConfig(reduction_rate=16), seed=0)
     other = tmp_path / "other_frames.safetensors"
@@ -226,6 +263,18 @@ def test_adapters_for_another_backbone_are_refused_naming_the_file(tmp_path, cap
     assert "other_frames.safetensors" in capsys.readouterr().err
     with pytest.raises(ValueError, match="given twice"):
         load_tasks([str(good), f"good={other}"], torch.device("cpu"))
+
+
+def test_a_taken_or_invalid_port_fails_before_any_model_loads(tmp_path, capsys):
+    unreadable = tmp_path / "broken.safetensors"  # would fail loading: the port must fail first
+    unreadable.write_bytes(b"not an adapter")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        assert main(["serve", str(unreadable), "--port", str(taken.getsockname()[1])]) == 2
+    assert "choose another --port" in capsys.readouterr().err
+    assert main(["serve", str(unreadable), "--port", "70000"]) == 2
+    assert "--port must be 0-65535" in capsys.readouterr().err
 
 
 def test_a_real_fault_is_a_logged_500_and_the_server_keeps_answering(tmp_path, caplog):

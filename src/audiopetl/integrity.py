@@ -8,7 +8,7 @@ named instead of training or predicting NaN.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,18 @@ def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from _leaves(item, f"{prefix}/{i}")
     else:
         yield prefix, value
+
+
+def digest_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """First 16 hex digits of a sha256 over ``tensors`` by sorted name, shape and float32 bytes
+    (so it does not depend on dtype, device or key order): the backbone fingerprints'
+    and the waveform frontend's encoder digest."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{key}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def tensor_checksum(value: Any) -> str:

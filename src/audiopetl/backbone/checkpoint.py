@@ -34,7 +34,6 @@ dropped and listed in the :class:`LoadReport`; anything else that does not fit r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -49,6 +48,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from safetensors.torch import load_file
 
+from ..integrity import digest_tensors
 from .ast import AST, NUM_SPECIAL_TOKENS, ASTConfig
 from .presets import TINY_CONFIG, TINY_RANDOM, tiny_random_state
 from .registry import family_for_preset, family_for_type, fingerprint
@@ -487,12 +487,7 @@ def fingerprint_state_dict(state: Mapping[str, torch.Tensor]) -> str:
     missing = [key for key in ("patch_embed.proj.weight", "pos_embed") if key not in canonical]
     if missing:
         raise ValueError(f"not an AST backbone state dict: missing {missing}")
-    digest = hashlib.sha256()
-    for key in sorted(canonical):
-        tensor = canonical[key].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{key}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return digest_tensors(canonical)
 
 
 def backbone_fingerprint(model) -> str:

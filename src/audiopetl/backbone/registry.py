@@ -12,11 +12,12 @@ backbone it runs on:
 
 * ``config`` (``hidden_size``, ``to_dict()``), ``blocks`` (each with the extension points of
   :class:`~audiopetl.backbone.ast.Block`), ``norm`` (the last LayerNorm before pooling,
-  trained with every method), ``encode(x)`` / ``forward(x) = norm(encode(x))``,
-  ``gradient_checkpointing``;
+  trained with every method; BitFit alone trains its bias only), ``encode(x)`` /
+  ``forward(x) = norm(encode(x))``, ``gradient_checkpointing``;
 * ``prompt_start`` (sequence position of inserted prompt tokens) and ``input_fan_in`` (fan-in
   of one input token, for the prompt init bound);
-* ``embedding_biases()`` (what BitFit trains outside the blocks), ``trainable_groups()``
+* ``embedding_biases()`` (the input embedding's biases; BitFit trains those of Linear and
+  LayerNorm modules, not AST's patch convolution), ``trainable_groups()``
   (named parameter groups for ``extra_trainable``), ``poolings`` and
   ``pool(hidden, inputs, mode)``;
 * ``frontend(max_frames)``: the :class:`~audiopetl.frontend.Frontend` that turns audio into
@@ -26,13 +27,13 @@ backbone it runs on:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from types import ModuleType
 
 import torch
 from torch import nn
 
+from ..integrity import digest_tensors
 from . import wav2vec2
 from .ast import AST, ASTConfig
 
@@ -72,12 +73,8 @@ def fingerprint(model: nn.Module) -> str:
     with torch.device("meta"):
         names = set(build_backbone(model.config).state_dict())
     state = {re.sub(r"\.base\.(weight|bias)$", r".\1", k): t for k, t in model.state_dict().items()}
-    digest = hashlib.sha256()
-    for key in sorted(names):
-        tensor = state[key].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{key}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return digest_tensors({key: state[key] for key in names})
+
 
 
 __all__ = [

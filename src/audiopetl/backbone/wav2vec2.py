@@ -15,9 +15,9 @@ with the same maths as transformers' ``Wav2Vec2Model`` / ``HubertModel`` / ``Wav
   pre-LN (the "stable layer norm" models): per block ``h = x + MHSA(LN1(x))``,
   ``out = h + FFN(LN2(h))``, and a final LayerNorm after the last block;
 * WavLM adds a gated relative position bias to every attention: bucketed relative
-  distances index a learned (buckets, heads) table (computed once, from the first
-  layer's table), and each query's bias is scaled by a gate computed from its own
-  hidden vector.
+  distances index a learned (buckets, heads) table (one table for all layers: the first
+  layer's in transformers' checkpoints), and each query's bias is scaled by a gate
+  computed from its own hidden vector.
 
 PETL methods use the same extension points as :mod:`~audiopetl.backbone.ast`
 (``Block.mhsa`` / ``Block.ffn`` taps, ``Block.linear(name)`` with q, k, v, o, ffn_in,
@@ -252,7 +252,7 @@ class Attention(nn.Module):
             self.gate = None
 
     def gated_bias(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """(batch, heads, T, T): each query row of ``bias`` scaled by a gate in (1, 2 + gate_const)."""
+        """(batch, heads, T, T): each query row of ``bias`` scaled by a gate in (1, max(2, 1 + gate_const))."""
         heads = x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, T, head_dim)
         logits = self.gate(heads).unflatten(-1, (2, 4)).sum(-1)
         gate_a, gate_b = torch.sigmoid(logits).chunk(2, dim=-1)

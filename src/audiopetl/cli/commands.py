@@ -202,6 +202,8 @@ def resume_config_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> dict:
     from ..train import resolve, run_training
 
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     given = resume_config_from_args(args) if args.resume else config_from_args(args)
     config = resolve(given)  # the paper setup rewrites method options, so name the run from what was given
     setup = "" if config.setup == "default" else f"-{config.setup}"

@@ -38,9 +38,10 @@ def run_serve(args: argparse.Namespace) -> None:
     from ..train.precision import resolve_device
 
     limits = ServeLimits(int(args.max_upload_mb * 1_000_000), args.max_batch, args.max_wait_ms)
-    tasks = load_tasks(args.adapters, resolve_device(args.device))
-    app = create_app(tasks, limits, args.lora_batching)
-    # Bind here so the address (the real port, when --port 0) is printed whatever the log level.
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0-65535, got {args.port}")
+    # Bind before loading the models, so a taken port or a bad --host fails at once, and here
+    # so the address (the real port, when --port 0) is printed whatever the log level.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -52,6 +53,12 @@ def run_serve(args: argparse.Namespace) -> None:
         raise ValueError(
             f"cannot listen on {args.host}:{args.port} ({error.strerror}); choose another --port"
         ) from None
+    try:
+        tasks = load_tasks(args.adapters, resolve_device(args.device))
+        app = create_app(tasks, limits, args.lora_batching)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     shared = app.state.engine.shared_index
     print(
@@ -87,7 +94,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     onnx.add_argument("adapter", type=Path, help="adapter file written by `train`")
     onnx.add_argument("out", type=Path, help="output .onnx file")
-    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    onnx.add_argument("--opset", type=int, default=18,
+                      help="ONNX opset version (default: 18, what torch's exporter writes; lower ones are converted)")
 
 
 def run_export(args: argparse.Namespace) -> None:

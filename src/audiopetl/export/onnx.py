@@ -53,6 +53,13 @@ def export_onnx(adapter: str | Path, out: str | Path, opset: int = 18) -> Path:
                 verbose=False,
             )
         graph = onnx.load(str(temp))
+        # Below its own opset torch converts the graph, and keeps its own when that fails: say so.
+        written = next(entry.version for entry in graph.opset_import if entry.domain in ("", "ai.onnx"))
+        if written != opset:
+            raise ValueError(
+                f"--opset {opset}: torch's exporter could not convert the graph to opset {opset} "
+                f"(it wrote opset {written}); use --opset {written} or higher"
+            )
         properties = {
             "audiopetl.class_names": json.dumps(model.class_names),
             "audiopetl.frontend": json.dumps(model.metadata.get("frontend")),

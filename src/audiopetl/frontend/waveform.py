@@ -17,7 +17,6 @@ column, 1 for frames the model should use and 0 for padding.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dataclass_dict import from_dict
+from ..integrity import digest_tensors
 
 KIND = "waveform"
 CHUNK = 4  # clips per feature-encoder call: its first layer's output is 512 x 50*320 floats per 10 s clip
@@ -57,16 +57,6 @@ class WaveformConfig:
         return from_dict(cls, values)
 
 
-def state_digest(module: nn.Module) -> str:
-    """First 16 hex digits of a sha256 over a module's tensors (names, shapes, float32 bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 class WaveformFrontend(nn.Module):
     """Waveforms (batch, samples) -> (batch, frames, conv_dim + 1) float32 on the CPU.
 
@@ -85,7 +75,7 @@ class WaveformFrontend(nn.Module):
         if self.frames < 1:
             raise ValueError(f"max_frames={config.max_frames} is too short for the feature encoder")
         self.encoder_width = encoder_width  # feature channels per frame; not the audio channel policy
-        self.encoder_digest = state_digest(encoder)
+        self.encoder_digest = digest_tensors(encoder.state_dict())
 
     @property
     def settings(self) -> dict:
@@ -130,4 +120,4 @@ class WaveformFrontend(nn.Module):
         return torch.cat([features, column[..., None].to(features.dtype)], dim=-1).cpu()
 
 
-__all__ = ["KIND", "WaveformConfig", "WaveformFrontend", "state_digest"]
+__all__ = ["KIND", "WaveformConfig", "WaveformFrontend"]

@@ -176,7 +176,12 @@ def _check_backbone(path: str | Path, record: dict, backbone: AST) -> None:
 
 
 def _check_integrity(path: str | Path, header: dict, tensors: dict[str, torch.Tensor]) -> None:
-    if header.get("checksum") != tensor_checksum(tensors):
+    if "checksum" not in header:  # not a damaged file: one written before files carried a checksum
+        raise AdapterFileError(
+            f"{path}: the file has no tensor checksum (written by an older audiopetl), so it cannot be "
+            "verified; save the adapter again with this version"
+        )
+    if header["checksum"] != tensor_checksum(tensors):
         raise AdapterFileError(f"{path}: the file is corrupt (its tensors do not match the checksum in its header)")
     bad = non_finite(tensors)
     if bad:

@@ -7,7 +7,9 @@ adapters in memory.
 
 Two ways to run a batch that mixes tasks (``lora_batching``):
 
-* ``shared`` (default): every task whose only method is LoRA joins one backbone pass.
+* ``shared`` (default): every task whose only method is LoRA joins one backbone pass
+  (one per input shape and recorded precision, each under that precision's autocast as in
+  ``predict``; in bf16 the stacked updates round differently, within bf16 tolerance).
   Each LoRA projection holds the stacked low-rank updates of all those tasks and adds,
   for each sample, the update of the sample's own task (gathered by task index, then two
   batched matmuls). Merging weights is not an option across tasks: a merged projection
@@ -19,6 +21,7 @@ Two ways to run a batch that mixes tasks (``lora_batching``):
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..experiments.inference import waveform_features
+from ..experiments.inference import recorded_dtype, waveform_features
 from ..frontend import Frontend, frontend_from_settings
 from ..petl import AdapterFileError, LoRAConfig, PETLModel, load_adapter, load_recorded_backbone, read_adapter_metadata
 from ..petl.lora import LoRALinear
@@ -51,6 +54,11 @@ class Task:
     def lora_only(self) -> bool:
         """Only LoRA (and the head and final LayerNorm every method trains): it can join the shared pass."""
         return [type(m) for m in self.model.methods] == [LoRAConfig] and not self.model.extra_trainable
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The autocast dtype its file records (as ``predict`` runs it): bf16-trained adapters run in bf16."""
+        return recorded_dtype(self.model)
 
     def features(self, wave: torch.Tensor) -> torch.Tensor:
         """(1, *feature_shape) model input of one waveform at ``frontend.sample_rate``, as ``predict`` builds it."""
@@ -221,22 +229,24 @@ class Engine:
         """Class probabilities (CPU, float32) of each item, in order; a pass that fails gives its error
         to its own items only."""
         out: list[torch.Tensor | Exception | None] = [None] * len(items)
-        groups: list[tuple[list[int], str | None]] = []  # (rows, task name); None: a shared LoRA pass
-        # One shared pass per input shape: tasks on one speech encoder may record different clip lengths.
-        shapes: dict[tuple[int, ...], list[int]] = {}
+        groups: list[tuple[list[int], str | None, torch.dtype]] = []  # (rows, task name, dtype); None: shared pass
+        # One shared pass per input shape and recorded precision: tasks on one speech encoder may record
+        # different clip lengths, and each task computes in the precision it trained in, as ``predict`` does.
+        shared: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = {}
         for i, (name, features) in enumerate(items):
             if name in self.shared_index:
-                shapes.setdefault(tuple(features.shape[1:]), []).append(i)
-        groups.extend((rows, None) for rows in shapes.values())
+                shared.setdefault((tuple(features.shape[1:]), self.tasks[name].dtype), []).append(i)
+        groups.extend((rows, None, dtype) for (_, dtype), rows in shared.items())
         for name in dict.fromkeys(name for name, _ in items if name not in self.shared_index):
-            groups.append(([i for i, (n, _) in enumerate(items) if n == name], name))
-        for rows, name in groups:
+            groups.append(([i for i, (n, _) in enumerate(items) if n == name], name, self.tasks[name].dtype))
+        for rows, name, dtype in groups:
             try:
                 features = torch.cat([items[i][1] for i in rows]).to(self.device)
-                if name is None:
-                    logits = self._run_shared(features, [items[i][0] for i in rows])
-                else:
-                    logits = self.tasks[name].model(features)
+                with nullcontext() if dtype == torch.float32 else torch.autocast(self.device.type, dtype=dtype):
+                    if name is None:
+                        logits = self._run_shared(features, [items[i][0] for i in rows])
+                    else:
+                        logits = self.tasks[name].model(features)
                 for row, row_logits in zip(rows, logits):
                     out[row] = row_logits.float().softmax(-1).cpu()
             except Exception as error:  # handed to this pass's requests only; their handlers log it
