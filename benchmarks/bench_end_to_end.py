@@ -106,8 +106,6 @@ def main(argv: list[str] | None = None) -> list[list]:
          f"{peer_metrics['test_accuracy']:.3f}"],
     ]
     out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
     print_table(
         f"end to end, {args.clips} clips x {args.seconds:g} s (16/22.05/44.1 kHz), LoRA, {args.epochs} epochs, "
         f"batch {args.batch}, {'tiny AST' if args.tiny else 'ViT-B'}, {args.device}",

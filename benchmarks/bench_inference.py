@@ -98,8 +98,6 @@ def main(argv: list[str] | None = None) -> list[list]:
     print(f"machine: {machine(device)}; {precision} matmul peak {peak:.0f} GFLOP/s")
     rows = [[name, batch / t, t_peer / t, f"{100 * flops / t / 1e9 / peak:.1f}%"] for name, t in rows_in]
     out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
     print_table(
         f"inference, {'tiny AST' if args.tiny else 'ViT-B'}, {frames} frames, batch {batch}, {precision} "
         f"(merged vs unmerged max |diff| {difference:.1e})",

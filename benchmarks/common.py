@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -120,7 +121,8 @@ def machine(device: torch.device | str = "cpu") -> str:
 
 
 def print_table(title: str, header: list[str], rows: list[list], markdown: str | os.PathLike | None = None) -> None:
-    """Print an aligned table; with ``markdown``, also append it to that file as a Markdown table."""
+    """Print an aligned table; with ``markdown``, also append it to that file (its folder made if
+    needed) as a Markdown table."""
     cells = [header, *[[_fmt(c) for c in row] for row in rows]]
     widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
     print(f"\n{title}", flush=True)
@@ -129,6 +131,7 @@ def print_table(title: str, header: list[str], rows: list[list], markdown: str |
         if number == 0:
             print("  ".join("-" * w for w in widths))
     if markdown is not None:
+        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
         lines = [f"\n**{title}**\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in cells[1:]]
         with open(markdown, "a") as handle:

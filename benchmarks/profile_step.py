@@ -120,8 +120,6 @@ def main(argv: list[str] | None = None) -> list[list]:
             rows.append([method, label[side], calls / args.layers, elements / args.layers / 1e6, saved / 2**20])
     print(f"machine: {machine(device)}")
     out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
     print_table(
         f"one bf16 training step, {args.layers} layers, {args.frames} frames, batch {args.batch}: copies and saved tensors",
         ["method", "side", "copy_ calls / layer", "M elements copied / layer", "saved activations MB"],

@@ -25,7 +25,7 @@ from audiopetl.cli.main import main
 from audiopetl.data import FeatureCache, FolderDataset
 from audiopetl.data import cache as cache_module
 from audiopetl.experiments.synthetic import make_synthetic_dataset
-from audiopetl.frontend import FbankConfig, load_audio
+from audiopetl.frontend import FbankConfig
 from audiopetl.petl import read_adapter_metadata
 from audiopetl.train import ADAPTER, TrainConfig, run_training
 from audiopetl.train import loop as loop_module
@@ -91,9 +91,8 @@ def test_detection_reads_hardware_flags_not_a_stopwatch(monkeypatch):
         precision_module.cpu_has_fast_bf16()
 
 
-def test_resume_keeps_the_recorded_precision_when_the_detection_differs(dataset, tmp_path, monkeypatch):
-    monkeypatch.setenv(precision_module.FAST_BF16_ENV, "1")
-    reference = run_training(config(dataset, tmp_path, precision="auto"), tmp_path / "reference")
+def interrupt_after_first_checkpoint(train_config, run_dir, monkeypatch) -> None:
+    """Train ``train_config`` into ``run_dir`` and stop it right after epoch 1's checkpoint is written."""
     real_save = loop_module.save_checkpoint
 
     def save_then_die(path, state):
@@ -102,8 +101,14 @@ def test_resume_keeps_the_recorded_precision_when_the_detection_differs(dataset,
 
     monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_training(config(dataset, tmp_path, precision="auto"), tmp_path / "run")
+        run_training(train_config, run_dir)
     monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+
+
+def test_resume_keeps_the_recorded_precision_when_the_detection_differs(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv(precision_module.FAST_BF16_ENV, "1")
+    reference = run_training(config(dataset, tmp_path, precision="auto"), tmp_path / "reference")
+    interrupt_after_first_checkpoint(config(dataset, tmp_path, precision="auto"), tmp_path / "run", monkeypatch)
     monkeypatch.setenv(precision_module.FAST_BF16_ENV, "0")  # the resuming machine would choose fp32
     assert main(["train", "--resume", "--run-dir", str(tmp_path / "run")]) == 0
     resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -282,16 +287,7 @@ def test_stale_temporaries_are_removed_but_not_a_live_processs(tmp_path, capsys)
 
 
 def test_a_killed_run_leaves_no_temporaries_after_resume(dataset, tmp_path, monkeypatch):
-    real_save = loop_module.save_checkpoint
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        raise KeyboardInterrupt("killed after epoch 1")
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(config(dataset, tmp_path), tmp_path / "run")
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    interrupt_after_first_checkpoint(config(dataset, tmp_path), tmp_path / "run", monkeypatch)
     # What a SIGKILL during the next checkpoint write leaves (the fault-injection test kills for real).
     from audiopetl.atomic import _HOST
 
