@@ -20,8 +20,6 @@ import yaml
 from audiopetl.backbone import AST, ASTConfig
 from audiopetl.petl import (
     AdapterConfig,
-    BitFitConfig,
-    LoRAConfig,
     PrefixConfig,
     PromptConfig,
     build_model,
@@ -32,7 +30,7 @@ from audiopetl.petl.budget import PAPER_ROWS
 from audiopetl.petl.lora import LoRALinear
 from audiopetl.petl.registry import resolve_methods
 from audiopetl.train import TrainConfig, resolve
-from audiopetl.train.setups import apply_setup, paper_method
+from audiopetl.train.setups import paper_method
 
 TINY = ASTConfig(hidden_size=32, num_layers=3, num_heads=4, mlp_size=64, num_mel_bins=32, max_frames=48)
 RR = 8  # rank 4
