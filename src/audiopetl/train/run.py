@@ -8,7 +8,9 @@ The run directory holds ``config.yaml`` (the resolved configuration, precision i
 which ``resume`` reads back and refuses to change), one sub-directory
 per split with its log, checkpoint, metrics and best adapter file, ``bad_audio.txt``
 when files were skipped, and ``metrics.json`` with per-split and mean +- std test
-accuracy. A run whose ``metrics.json`` exists is finished.
+accuracy. A run whose ``metrics.json`` exists is finished. The directory is made only once
+every option has been checked (dataset layout, splits, backbone, method): a refused run
+leaves nothing behind.
 """
 
 from __future__ import annotations
