@@ -226,6 +226,36 @@ def test_prompts_follow_the_positional_convolution_and_count_as_frames():
     torch.testing.assert_close(pooled, hidden[2, : 4 + int(valid)].mean(0), rtol=0, atol=1e-5)
 
 
+# Methods that mix tokens: convolutions over time, Soft-MoA's dispatch softmax over tokens.
+TOKEN_MIXING = {
+    "soft_moa": {"method": "soft_moa", "layout": "houlsby", "num_adapters": 3, "num_slots": 2, "reduction_rate": 16},
+    "dense_moa-convpass": {"method": "dense_moa", "module": "convpass", "num_adapters": 2, "reduction_rate": 16},
+    "convpass": {"method": "adapter", "module": "convpass", "layout": "houlsby", "reduction_rate": 16},
+    "convpass-seq-before": {"method": "adapter", "module": "convpass", "insertion": "sequential",
+                            "position": "before", "reduction_rate": 16},
+    "conformer": {"method": "adapter", "module": "conformer", "layout": "houlsby", "reduction_rate": 16},
+    "dpt+conformer": [{"method": "dpt", "num_prompts": 2},
+                      {"method": "adapter", "module": "conformer", "location": "ffn", "reduction_rate": 16}],
+}
+
+
+@pytest.mark.parametrize("method", list(TOKEN_MIXING))
+def test_a_clips_logits_do_not_depend_on_the_padding_of_its_batch(method):
+    """On a model that masks padding, a clip alone (no padding) and in a batch padded to a longer clip."""
+    backbone = load_backbone("tiny-random-wav2vec2-stable")
+    features = _features(backbone)  # clips of 6400, 4000 and 3000 samples
+    frames = int(features[2, :, -1].sum())
+    assert 0 < frames < features.shape[1]
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(backbone), TOKEN_MIXING[method], num_classes=3).eval()
+    with torch.no_grad():
+        for param in model.trainable_parameters():  # adapters start at zero output: give them a function
+            param.normal_(0, 0.3)
+        batched = model(features)[2]
+        alone = model(features[2:, :frames])[0]
+    torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
+
+
 def test_parameter_counts_and_budgets_on_a_speech_config():
     config = SpeechConfig()  # wav2vec 2.0 base
     dim, layers = config.hidden_size, config.num_layers
