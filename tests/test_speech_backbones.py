@@ -273,6 +273,32 @@ def test_parameter_counts_and_budgets_on_a_speech_config():
     assert abs(count_method_parameters(sized, config) - 100_000) < 20_000
 
 
+@pytest.mark.parametrize("backbone_name", ["tiny-random-wav2vec2", "tiny-random-wav2vec2-stable"])
+def test_paper_counts_keep_the_sublayer_norms_a_method_trains_in_post_and_pre_ln_models(backbone_name):
+    """Post-LN, the final LayerNorm is the last block's FFN one: FFN adapters train it as theirs, so it counts.
+
+    Pre-LN, the final LayerNorm is a module of its own, left out as the paper leaves it out.
+    """
+    config = load_backbone(backbone_name).config
+    dim, layers = config.hidden_size, config.num_layers
+    rank = dim // 16
+    adapter = (dim * rank + rank) + (rank * dim + dim)  # down, up
+    norm = 2 * dim
+    expected = [
+        # Houlsby: an adapter and the trained LayerNorm of each sub-layer, in every layer.
+        ({"method": "bottleneck_hou_par", "reduction_rate": 16}, layers * (2 * adapter + 2 * norm)),
+        ({"method": "adapter", "location": "ffn", "reduction_rate": 16}, layers * (adapter + norm)),
+        ({"method": "adapter", "location": "mhsa", "reduction_rate": 16}, layers * (adapter + norm)),
+        # Mixtures train their sub-layer's LayerNorm too (Houlsby: both sub-layers).
+        ({"method": "dense_moa", "layout": "houlsby", "num_adapters": 2, "reduction_rate": 16},
+         layers * 2 * (2 * adapter + (dim * 2 + 2) + norm)),
+        # LoRA trains no block LayerNorm: the final one alone, left out.
+        ({"method": "lora", "reduction_rate": 16}, layers * 2 * (dim * rank + rank * dim)),
+    ]
+    for spec, count in expected:
+        assert count_method_parameters(spec, config) == count, spec
+
+
 def test_cache_runs_the_feature_encoder_once_and_training_never(tmp_path):
     from audiopetl.experiments.synthetic import make_synthetic_dataset
 
