@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -254,6 +255,24 @@ def test_a_clips_logits_do_not_depend_on_the_padding_of_its_batch(method):
         batched = model(features)[2]
         alone = model(features[2:, :frames])[0]
     torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone_name", SPEECH_PRESETS)
+@pytest.mark.parametrize("init", ["default", "paper"])
+def test_prompt_init_bound_uses_the_speech_encoders_own_fan_in(backbone_name, init):
+    """uniform(-v, v), v = sqrt(6 / (fan_in + hidden)) with the feature projection's fan-in; the AST's
+    paper bound (3 x its patch fan-in, VPT's RGB channels) is tested in test_paper_setup."""
+    backbone = load_backbone(backbone_name)
+    config = backbone.config
+    bound = math.sqrt(6 / (config.conv_dim[-1] + config.hidden_size))
+    assert backbone.input_fan_in == backbone.feature_projection.proj.in_features == config.conv_dim[-1]
+    torch.manual_seed(0)
+    prompts = build_model(copy.deepcopy(backbone), {"method": "dpt", "num_prompts": 50, "init": init}, num_classes=2)
+    values = torch.cat([b.insert_tokens.prompts.flatten() for b in prompts.backbone.blocks])
+    assert bound * 0.95 < values.abs().max() <= bound
+    prefix = build_model(copy.deepcopy(backbone), {"method": "prefix", "num_tokens": 40, "init": init}, num_classes=2)
+    keys = torch.cat([b.attn.prefix.keys.flatten() for b in prefix.backbone.blocks])
+    assert bound * 0.95 < keys.abs().max() <= bound
 
 
 def test_parameter_counts_and_budgets_on_a_speech_config():
