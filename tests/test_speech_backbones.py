@@ -257,6 +257,26 @@ def test_a_clips_logits_do_not_depend_on_the_padding_of_its_batch(method):
     torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
 
 
+def test_conformer_batch_statistics_leave_padding_out():
+    """In training the Conformer's BatchNorm normalises with batch statistics: those of real frames only,
+    so more padding changes neither the outputs nor the running statistics."""
+    backbone = load_backbone("tiny-random-wav2vec2-stable")
+    features = _features(backbone)
+    longer = torch.cat([features, torch.zeros(3, 7, features.shape[-1])], dim=1)  # 7 more padded frames each
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(backbone), TOKEN_MIXING["conformer"], num_classes=3)
+    with torch.no_grad():
+        for param in model.trainable_parameters():
+            param.normal_(0, 0.3)
+    other = copy.deepcopy(model)
+    assert model.training and model.backbone.blocks[0].ffn.branches[0].adapter.batch_norm.training
+    with torch.no_grad():
+        torch.testing.assert_close(model(features), other(longer), rtol=0, atol=1e-5)
+    for name, buffer in model.named_buffers():
+        if "running" in name:
+            torch.testing.assert_close(buffer, dict(other.named_buffers())[name], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("backbone_name", SPEECH_PRESETS)
 @pytest.mark.parametrize("init", ["default", "paper"])
 def test_prompt_init_bound_uses_the_speech_encoders_own_fan_in(backbone_name, init):

@@ -29,8 +29,9 @@ biases, whatever the published source sets; Convpass's ``nn.Conv1d`` kept its ow
 
 Padding: every adapter module takes ``valid``, the (batch, tokens) mask of real tokens or
 None (see :class:`~audiopetl.backbone.ast.FrameMask`; the placements pass their block's).
-Convpass and Conformer zero the padded frames before convolving over time, so a clip's
-output is the same however much padding its batch adds; the Bottleneck works per token.
+Convpass and Conformer zero the padded frames before convolving over time, and the
+Conformer's BatchNorm leaves them out of its statistics, so a clip's output is the same
+however much padding its batch adds; the Bottleneck works per token.
 """
 
 from __future__ import annotations
@@ -149,8 +150,16 @@ class Conformer(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         h = self.glu(self.pointwise1(self.norm(x).transpose(1, 2)))  # (batch, rank, tokens)
-        h = self.act(self.batch_norm(self.depthwise(_zero_padding(h, valid))))
+        h = self.act(self._batch_norm(self.depthwise(_zero_padding(h, valid)), valid))
         return self.dropout(self.pointwise2(h)).transpose(1, 2)
+
+    def _batch_norm(self, h: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """BatchNorm over real frames only: in training, padding stays out of the batch statistics
+        (and so of the running ones); padded frames pass through unnormalised, unused."""
+        if valid is None:
+            return self.batch_norm(h)
+        frames = h.transpose(1, 2)  # (batch, tokens, rank)
+        return frames.masked_scatter(valid[..., None], self.batch_norm(frames[valid])).transpose(1, 2)
 
 
 ADAPTER_MODULES = {"bottleneck": Bottleneck, "convpass": Convpass, "conformer": Conformer}
