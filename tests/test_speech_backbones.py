@@ -257,6 +257,23 @@ def test_a_clips_logits_do_not_depend_on_the_padding_of_its_batch(method):
     torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
 
 
+def test_gradient_checkpointing_recomputes_with_the_blocks_padding_mask():
+    backbone = load_backbone("tiny-random-wav2vec2-stable")
+    features = _features(backbone)
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(backbone), TOKEN_MIXING["soft_moa"], num_classes=3)
+    with torch.no_grad():
+        for param in model.trainable_parameters():
+            param.normal_(0, 0.3)
+    model(features).logsumexp(-1).sum().backward()
+    expected = [p.grad.clone() for p in model.trainable_parameters()]
+    model.zero_grad()
+    model.backbone.gradient_checkpointing = True
+    model(features).logsumexp(-1).sum().backward()
+    for grad, param in zip(expected, model.trainable_parameters()):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-5, atol=1e-6)
+
+
 def test_conformer_batch_statistics_leave_padding_out():
     """In training the Conformer's BatchNorm normalises with batch statistics: those of real frames only,
     so more padding changes neither the outputs nor the running statistics."""

@@ -252,7 +252,10 @@ class FrameMask:
     ``value`` is None when every token is real (always for the AST) or the (batch, tokens)
     bool mask, True for real tokens, of the sequence the block's sub-layers see (the block
     sets it before running them). Taps modules that mix tokens read it so that padding
-    never changes a clip's output; per-token modules need not.
+    never changes a clip's output; per-token modules need not. A holder, not an argument of
+    the taps, so that no tap's signature changes; it assumes one forward at a time per model
+    (true of training, DDP's one model per process and the server's single model thread;
+    not of ``nn.DataParallel``'s replicas, which would share it).
     """
 
     value: torch.Tensor | None = None
