@@ -46,7 +46,8 @@ class DenseMixture(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         weights = torch.softmax(self.router(x), dim=-1)  # (batch, tokens, experts)
-        outputs = torch.stack([expert(x, valid) for expert in self.experts], dim=-1)  # (batch, tokens, hidden, experts)
+        # (batch, tokens, hidden, experts); each expert gets the mask: Convpass convolves over time
+        outputs = torch.stack([expert(x, valid) for expert in self.experts], dim=-1)
         return torch.einsum("bldn,bln->bld", outputs, weights)
 
 
