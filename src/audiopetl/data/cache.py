@@ -6,13 +6,15 @@ convolutional feature encoder of a speech backbone, so that epochs after the fir
 An entry is `<key>.f32` (raw rows of the frontend's `feature_shape`) plus `<key>.json`, its
 manifest, under `<cache dir>/features/`. The key hashes every file's path, size and
 mtime (ns) with the frontend settings, so a touched file or a changed setting gives a new
-entry; for a frontend computed by a neural network (a speech encoder's conv feature
-encoder) it also names the device type it runs on (``cpu``/``cuda``: their kernels differ
-in the last bits), while filterbanks, the same on any device, keep device-free keys. The data file is built under a temporary name, fsynced and renamed; the manifest
-is written the same way and last, with a checksum of the data file. Only an entry with a
-manifest is trusted, and only while its data file matches the checksum (read once per
-process and data file, whether it matches or not), so a build that dies halfway or a corrupted file leaves nothing a later run
-would use: the entry is rebuilt. Concurrent processes, on one host or several sharing the
+entry. For a frontend computed by a neural network (a speech encoder's conv feature
+encoder) it also names the device type the network runs on (``cpu``/``cuda``: their
+kernels differ in the last bits); filterbank keys stay as they were (training computes
+filterbanks on the CPU). The data file is built under a temporary name, fsynced and
+renamed; the manifest is written the same way and last, with a checksum of the data file.
+Only an entry with a manifest is trusted, and only while its data file matches the
+checksum (read once per process and data file, whether it matches or not), so a build that
+dies halfway or a corrupted file leaves nothing a later run would use: the entry is
+rebuilt. Concurrent processes, on one host or several sharing the
 cache over NFS, build an entry once: the builder holds `<key>.lock`
 (:class:`audiopetl.buildlock.BuildLock`, a heartbeat lock file, not flock). Temporaries of
 killed builds on this host are removed at the next use (never a live process's); `cache
