@@ -359,7 +359,7 @@ def run_data(args: argparse.Namespace) -> None:
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    for action, help_text in (("ls", "list cached feature sets"), ("clear", "delete cached feature sets")):
+    for action, help_text in (("ls", "list cached feature sets"), ("clear", "delete cached feature sets (not one a live process is building: those are named)")):
         p = sub.add_parser(action, help=help_text)
         p.add_argument("--cache-dir", default=None)
         if action == "clear":
@@ -483,7 +483,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs_dir", type=Path, help="a folder of runs (e.g. runs/table1)")
     parser.add_argument("--out", type=Path, default=None, help="default: RUNS_DIR/report")
     parser.add_argument("--tsne", action=argparse.BooleanOptionalAction, default=False,
-                        help="also plot the t-SNE of the [CLS] token of each run (needs the data)")
+                        help="also plot the t-SNE of each run's clip embeddings, the [CLS] token (AST) or "
+                             "the pooled output (speech encoders) (needs the data)")
 
 
 def run_report(args: argparse.Namespace) -> None:
