@@ -251,7 +251,8 @@ def test_each_task_runs_in_the_precision_its_file_records(tmp_path):
 def served_scores(url: str, task: str, clips: list) -> list[dict[str, float]]:
     scores = []
     for clip in clips:
-        answer = httpx.post(f"{url}/v1/tasks/{task}/classify", params={"top_k": len(CLASSES)}, content=clip.read_bytes())
+        answer = httpx.post(f"{url}/v1/tasks/{task}/classify", params={"top_k": len(CLASSES)},
+                            content=clip.read_bytes())
         assert answer.status_code == 200, answer.text
         scores.append({e["label"]: e["score"] for e in answer.json()["top_k"]})
     return scores
