@@ -113,6 +113,15 @@ def _resume_where_rank_1_sees_no_files(config: TrainConfig, run_dir: Path) -> No
     run_training(config, run_dir, resume=True)
 
 
+def _resume_where_rank_1_reads_an_older_checkpoint(config: TrainConfig, run_dir: Path) -> None:
+    """Resume, on a rank 1 that reads an older version of the checkpoint (a shared file
+    system's stale cache): the ranks would continue from different epochs."""
+    if os.environ["RANK"] != "0":
+        real_load = loop_module.load_checkpoint
+        loop_module.load_checkpoint = lambda path: {**(state := real_load(path)), "epoch": state["epoch"] - 1}
+    run_training(config, run_dir, resume=True)
+
+
 def test_a_killed_two_process_run_resumes_exactly(dataset, one_process_lora, tmp_path):
     config = TrainConfig(**options(dataset, tmp_path / "cache", LORA, 9))
     assert spawn_bounded(_train_and_die_after_epoch_2, 2, config, tmp_path / "run").returncode != 0
@@ -123,6 +132,9 @@ def test_a_killed_two_process_run_resumes_exactly(dataset, one_process_lora, tmp
     (log,) = (tmp_path / "run").glob("*/log.jsonl")
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]
     assert_same_run(tmp_path / "run", one_process_lora)
+    # Ranks that read different versions of the checkpoint both stop, saying so.
+    result = spawn_bounded(_resume_where_rank_1_reads_an_older_checkpoint, 2, config, tmp_path / "run")
+    assert result.returncode != 0 and "ranks read different versions" in result.stderr, result.stderr[-3000:]
 
 
 def _train_on_differing_cpus(config: TrainConfig, run_dir: Path, out: Path) -> None:
