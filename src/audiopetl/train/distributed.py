@@ -21,7 +21,7 @@ machine) or by ``torchrun`` (one machine or several through its rendezvous; unde
 - writes nothing unless it is rank 0 (logs, checkpoints, metrics, adapter files), and
   learns whether rank 0's write worked (:func:`on_main`): a write that fails on rank 0
   (full disk, read-only folder) stops every rank at once with an error naming the file,
-  instead of leaving the others waiting for rank 0 in the next collective operation. The
+  instead of leaving the others to wait for rank 0 in the next collective operation. The
   feature cache is built once: the first rank takes its build lock, the others wait.
 
 Resume: rank 0 decides whether there is a run and a checkpoint to resume from and tells
@@ -150,8 +150,9 @@ def on_main(function: Callable[[], T], what: str) -> T | None:
     """``function()`` run by rank 0 alone (its result there, None elsewhere), its outcome every rank's.
 
     When it raises, rank 0 raises its own error and every other rank, at the same moment, one
-    saying rank 0 failed to ``what``, with rank 0's message; without this the other ranks would
-    go on and wait for rank 0 in the next collective operation until the backend's timeout.
+    saying rank 0 failed to ``what``, with rank 0's message. Without this the other ranks would go
+    on and wait for rank 0 in the next collective operation, until the backend notices that rank 0
+    is gone (with an error that does not say why) or its timeout ends the wait.
     """
     ranks = current()
     result, error = None, None
