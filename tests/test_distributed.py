@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from multiprocess import run_bounded, run_ranks, spawn_bounded
 from audiopetl.experiments.synthetic import make_synthetic_dataset
-from audiopetl.train import ADAPTER, TrainConfig, distributed, run_training
+from audiopetl.train import ADAPTER, TrainConfig, distributed, resume_run, run_training
 from audiopetl.train import loop as loop_module
 from audiopetl.train import run as run_module
 from audiopetl.train.precision import FAST_BF16_ENV
@@ -135,6 +135,84 @@ def test_a_killed_two_process_run_resumes_exactly(dataset, one_process_lora, tmp
     # Ranks that read different versions of the checkpoint both stop, saying so.
     result = spawn_bounded(_resume_where_rank_1_reads_an_older_checkpoint, 2, config, tmp_path / "run")
     assert result.returncode != 0 and "ranks read different versions" in result.stderr, result.stderr[-3000:]
+
+
+def hide_run_files_on_rank_1() -> None:
+    """On rank 1 only, a stale view of the run folder (a shared file system's attribute cache):
+    no config.yaml, no checkpoint."""
+    if os.environ["RANK"] == "0":
+        return
+    hidden = ("config.yaml", "checkpoint.pt")
+    real_exists, real_is_file, real_read_text = Path.exists, Path.is_file, Path.read_text
+
+    def read_text(path, *args, **kwargs):
+        if path.name in hidden:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_read_text(path, *args, **kwargs)
+
+    Path.exists = lambda path, **kw: path.name not in hidden and real_exists(path, **kw)
+    Path.is_file = lambda path, **kw: path.name not in hidden and real_is_file(path, **kw)
+    Path.read_text = read_text
+
+
+# `audiopetl train ARGS...` as one rank, rank 1 seeing a stale run folder.
+_CLI_ON_A_STALE_RANK_1 = ("import sys; from test_distributed import hide_run_files_on_rank_1; "
+                          "hide_run_files_on_rank_1(); from audiopetl.cli.main import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _resume_run_on_a_stale_rank_1(run_dir: Path) -> None:
+    hide_run_files_on_rank_1()
+    resume_run(run_dir, {"progress": False})  # what `train --resume --nproc N` runs on each rank
+
+
+@pytest.fixture
+def interrupted_run(dataset, tmp_path, monkeypatch) -> Path:
+    """A one-process run stopped after its epoch-2 checkpoint (of 3)."""
+    real_save = loop_module.save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt("stopped after epoch 2")
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(TrainConfig(**options(dataset, tmp_path / "cache", LORA, 9)), tmp_path / "run")
+    return tmp_path / "run"
+
+
+def assert_resumed_like_one_process(run_dir: Path, one_process_lora: Path) -> None:
+    (log,) = run_dir.glob("*/log.jsonl")
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    assert_same_run(run_dir, one_process_lora)
+
+
+def test_torchrun_resume_with_a_rank_that_cannot_see_the_config_resumes_like_one_process(
+        interrupted_run, one_process_lora):
+    # Each rank reading config.yaml itself, rank 1 would fail alone before the group exists and
+    # rank 0 would wait for it: the bounded run fails instead of resuming.
+    argv = [sys.executable, "-c", _CLI_ON_A_STALE_RANK_1, "train", "--resume", "--run-dir", str(interrupted_run),
+            "--no-progress"]
+    results = run_ranks(argv, 2, distributed._free_port())
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, (rank, result.stderr[-3000:])
+    assert results[0].stdout.count("run directory:") == 1 and "run directory:" not in results[1].stdout
+    assert_resumed_like_one_process(interrupted_run, one_process_lora)
+
+
+def test_nproc_resume_with_a_rank_that_cannot_see_the_config_resumes_like_one_process(
+        interrupted_run, one_process_lora):
+    result = spawn_bounded(_resume_run_on_a_stale_rank_1, 2, interrupted_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_resumed_like_one_process(interrupted_run, one_process_lora)
+
+
+def test_resume_of_a_folder_with_no_run_stops_every_rank_saying_why(tmp_path):
+    argv = [sys.executable, "-m", "audiopetl", "train", "--resume", "--run-dir", str(tmp_path / "nothing")]
+    for rank, result in enumerate(run_ranks(argv, 2, distributed._free_port())):
+        assert result.returncode == 2, (rank, result.stderr[-3000:])
+        assert "has no config.yaml to resume from" in result.stderr.strip().splitlines()[-1], (rank, result.stderr)
+    assert not (tmp_path / "nothing").exists()
 
 
 def _train_on_differing_cpus(config: TrainConfig, run_dir: Path, out: Path) -> None:

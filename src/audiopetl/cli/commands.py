@@ -177,12 +177,11 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
-def resume_config_from_args(args: argparse.Namespace):
-    """The configuration recorded in ``--run-dir``; only options that leave the result
-    unchanged (progress bars, TensorBoard, cache folder) may be given with ``--resume``."""
-    import dataclasses
-
-    from ..train.run import RUNTIME_OPTIONS, recorded_config
+def resume_options_from_args(args: argparse.Namespace) -> dict:
+    """The options ``--resume`` may add to the run recorded in ``--run-dir`` (progress bars,
+    TensorBoard, cache folder); any other option would change its result and is refused. The
+    recorded configuration itself is read by the run (rank 0 alone, when there are several)."""
+    from ..train.run import RUNTIME_OPTIONS
 
     if args.run_dir is None:
         raise ValueError("--resume needs --run-dir: the folder of the run to continue")
@@ -195,19 +194,23 @@ def resume_config_from_args(args: argparse.Namespace):
             f"--resume continues {args.run_dir} exactly as recorded in its config.yaml; these options would "
             f"change its result: {flags}. Drop them, or train a new run with another --run-dir"
         )
-    runtime = {k: v for k, v in vars(args).items() if k in RUNTIME_OPTIONS}
-    return dataclasses.replace(recorded_config(args.run_dir), **runtime)
+    return {k: v for k, v in vars(args).items() if k in RUNTIME_OPTIONS}
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    from ..train import resolve, run_training
+    from ..train import resolve, resume_run, run_training
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    given = resume_config_from_args(args) if args.resume else config_from_args(args)
-    config = resolve(given)  # the paper setup rewrites method options, so name the run from what was given
-    setup = "" if config.setup == "default" else f"-{config.setup}"
-    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(given.method)}{setup}"
+    if args.resume:
+        run_dir = args.run_dir
+        job, job_args = resume_run, (run_dir, resume_options_from_args(args))
+    else:
+        given = config_from_args(args)
+        config = resolve(given)  # the paper setup rewrites method options, so name the run from what was given
+        setup = "" if config.setup == "default" else f"-{config.setup}"
+        run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{_method_label(given.method)}{setup}"
+        job, job_args = run_training, (config, run_dir)
     if args.nproc > 1:
         import json
 
@@ -216,12 +219,12 @@ def run_train(args: argparse.Namespace) -> dict:
         if distributed.requested():
             raise ValueError("--nproc: this process is already one of several ranks (torchrun); drop --nproc")
         try:
-            distributed.spawn(run_training, args.nproc, config, run_dir, args.resume)
+            distributed.spawn(job, args.nproc, *job_args)
         except Exception as error:  # a rank's failure arrives with its whole traceback: keep the message line
             raise RuntimeError(f"a training process failed: {str(error).strip().splitlines()[-1]}") from error
         summary = json.loads((run_dir / "metrics.json").read_text())
     else:
-        summary = run_training(config, run_dir, resume=args.resume)
+        summary = job(*job_args)
         if int(os.environ.get("RANK", "0")) != 0:
             return None  # started by torchrun: rank 0 reports
     print(f"run directory: {run_dir}")

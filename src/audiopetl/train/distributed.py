@@ -27,6 +27,8 @@ machine) or by ``torchrun`` (one machine or several through its rendezvous; unde
 Resume: rank 0 decides whether there is a run and a checkpoint to resume from and tells
 the others (:func:`broadcast`; a shared file system's attribute cache may show ranks
 different things); every rank reads that checkpoint and continues where one process would.
+``train --resume`` joins the group before anything is read, so rank 0 alone reads the
+run's recorded configuration (``train.run.resume_run``).
 
 One difference from one process remains: BatchNorm layers (the Conformer adapter's)
 normalise with their rank's share of the batch, and DDP copies rank 0's running statistics

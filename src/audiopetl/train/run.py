@@ -79,6 +79,36 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
     return summary
 
 
+def resume_run(run_dir: str | Path, runtime: dict | None = None) -> dict:
+    """Continue the run in ``run_dir`` with the configuration its ``config.yaml`` records
+    (``runtime``: :data:`RUNTIME_OPTIONS` to change); returns the run's metrics.
+
+    Started as one of several ranks, every rank joins the process group first and rank 0
+    alone reads ``config.yaml`` for all of them: a rank whose shared file system shows a
+    stale folder (no ``config.yaml`` yet) would otherwise fail alone, and the launcher would
+    stop the others with an error that does not say why. The group's device is the one
+    ``--device auto`` picks (``cuda:LOCAL_RANK`` where CUDA is available), as the run
+    is not read yet.
+    """
+    run_dir = Path(run_dir)
+    ranks, device, created_group = distributed.setup(resolve_device("auto"))
+    try:
+        config = distributed.broadcast(distributed.on_main(
+            lambda: dataclasses.replace(recorded_config(run_dir), **(runtime or {})), f"read {run_dir / CONFIG}"))
+        if created_group and resolve_device(config.device).type != device.type:
+            raise ValueError(
+                f"{run_dir / CONFIG} records device {config.device!r}, but the ranks joined their group on "
+                f"{device.type} (the device 'auto' picks here); hide the GPUs (CUDA_VISIBLE_DEVICES=) to "
+                "resume it on CPU"
+            )
+        summary = run_training(config, run_dir, resume=True)
+    except BaseException:
+        distributed.teardown(created_group, wait=False)
+        raise
+    distributed.teardown(created_group)
+    return summary
+
+
 def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, device: torch.device) -> dict:
     # Rank 0 reads the recorded configuration for every rank (no config.yaml: nothing was
     # started, as a sweep resuming every run finds): ranks on a shared file system may see it differently.
@@ -304,4 +334,5 @@ def _plain(value):
     return value
 
 
-__all__ = ["ADAPTER", "CONFIG", "METRICS", "check_resume", "is_finished", "recorded_config", "resolve", "run_training"]
+__all__ = ["ADAPTER", "CONFIG", "METRICS", "check_resume", "is_finished", "recorded_config", "resolve", "resume_run",
+           "run_training"]
