@@ -1,5 +1,6 @@
 """The feature cache next to live and killed processes: `cache clear` keeps what a live process
-holds, a heartbeat temporary of a killed lock holder is swept, a corrupt entry is read once,
+holds and clears what another host's stale lock held, a heartbeat temporary of a killed lock
+holder (this version's or an earlier one's) is swept, a corrupt entry is read once,
 the key names where a network frontend ran, and local sweep workers decode with their share
 of the cores."""
 
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import pytest
 from audio_fixtures import speech_like, write_audio
 from audiopetl.atomic import _HOST
 from audiopetl.backbone import load_backbone
+from audiopetl.buildlock import STALE_AFTER
 from audiopetl.cli.main import main
 from audiopetl.data import FeatureCache
 from audiopetl.data import cache as cache_module
@@ -125,6 +128,45 @@ def test_the_heartbeat_temporary_of_a_killed_lock_holder_is_shown_and_swept(tmp_
     assert leftovers[0].name in listing and "stale" in listing
     FeatureCache(cache_dir).features(clips, CONFIG, progress=False)  # the next start sweeps it
     assert sorted(p.name for p in folder.iterdir()) == [f"{key}.f32", f"{key}.json"]
+
+
+def test_heartbeat_files_of_earlier_versions_locks_are_listed_and_swept_once_stale(tmp_path, clips, capsys):
+    cache_dir = tmp_path / "cache"
+    folder = cache_dir / "features"
+    folder.mkdir(parents=True)
+    key = FeatureCache(cache_dir).key([os.path.abspath(p) for p in clips], CONFIG)
+    # Earlier versions wrote `<lock>.beat-<token>`: no host or pid to judge it by, only its age.
+    old = folder / f"{key}.lock.beat-{'a' * 32}"
+    young = folder / f"{'0' * 64}.lock.beat-{'b' * 32}"  # another entry's, a live holder's moment ago
+    for beat in (old, young):
+        beat.write_text(json.dumps({"host": "node7", "pid": 4242, "token": "t", "time": 0}))
+    long_ago = time.time() - 2 * STALE_AFTER
+    os.utime(old, (long_ago, long_ago))
+
+    assert main(["cache", "ls", "--cache-dir", str(cache_dir)]) == 0
+    listing = {line.split()[3]: line for line in capsys.readouterr().out.splitlines() if line.startswith("temporary")}
+    assert "(stale: " in listing[old.name] and "stale" not in listing[young.name]
+    FeatureCache(cache_dir).features(clips, CONFIG, progress=False)  # the next start sweeps the stale one
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{key}.f32", f"{key}.json", young.name])
+
+
+def test_clear_takes_over_another_hosts_lock_once_stale_and_keeps_a_fresh_one(tmp_path, clips, capsys):
+    cache_dir = tmp_path / "cache"
+    folder = cache_dir / "features"
+    cache = FeatureCache(cache_dir)
+    cache.features(clips, CONFIG, progress=False)
+    cache.features(clips[:2], CONFIG, progress=False)
+    stale, fresh = cache.key(clips, CONFIG), cache.key(clips[:2], CONFIG)
+    for key in (stale, fresh):  # locks of builders on another node, whose pids cannot be asked
+        (folder / f"{key}.lock").write_text(json.dumps({"host": "node7", "pid": 4242, "token": key, "time": 0}))
+    long_ago = time.time() - 2 * STALE_AFTER  # no heartbeat for twice the stale-after period
+    os.utime(folder / f"{stale}.lock", (long_ago, long_ago))
+
+    assert main(["cache", "clear", "--cache-dir", str(cache_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"kept {folder / fresh}.lock: its entry is being built by process 4242 on node7",
+                   "removed 1 cache entry"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{fresh}.f32", f"{fresh}.json", f"{fresh}.lock"])
 
 
 def test_a_corrupt_entry_is_checksummed_once(tmp_path, clips, monkeypatch, capsys):

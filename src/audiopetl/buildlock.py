@@ -7,7 +7,10 @@ locks are unreliable or absent on NFS, so the lock is a file created with
 owner's host, pid and a token; while held, a background thread rewrites it every
 ``heartbeat`` seconds (through a temporary named like :func:`audiopetl.atomic.atomic_path`'s,
 ``<lock>.<host>.<pid>.<token>.tmp``, so the leftover of a holder killed mid-beat is swept
-with the other temporaries of dead processes).
+with the other temporaries of dead processes). Earlier versions named that temporary
+``<lock>.beat-<token>``, with no host or pid to judge it by: such a leftover is stale, and
+removed at the next start (:func:`remove_stale_old_heartbeats`), once it has not changed for
+``stale_after`` seconds by its file time.
 
 A waiter decides a lock is stale, and takes it over, when
 
@@ -16,7 +19,10 @@ A waiter decides a lock is stale, and takes it over, when
   *waiter's own* clock (an owner on another host died, or lost the filesystem).
 
 Only change is compared, never the file's time with ours, so clocks that differ between
-hosts or between client and NFS server do not matter. Takeover renames the stale file to a
+hosts or between client and NFS server do not matter. A caller that cannot wait that long
+(``audiopetl cache clear``) passes ``judge_by_mtime``: a lock whose file time is more than
+``stale_after`` older than this host's clock is stale at once, which trusts the clocks of the
+hosts and the file server to agree to well within ``stale_after``. Takeover renames the stale file to a
 unique name first (only one waiter's rename succeeds) and then creates a fresh lock.
 After acquiring, callers re-check whether the work was done while they waited.
 
@@ -34,6 +40,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import process_alive, temporary_name
@@ -56,13 +63,14 @@ class BuildLock:
 
     def __init__(
         self, path: str | os.PathLike, heartbeat: float = HEARTBEAT, stale_after: float = STALE_AFTER,
-        poll: float = POLL, timeout: float | None = None, on_wait=None,
+        poll: float = POLL, timeout: float | None = None, on_wait=None, judge_by_mtime: bool = False,
     ):
         if not stale_after > heartbeat > 0:
             raise ValueError(f"BuildLock needs stale_after > heartbeat > 0, got {stale_after} and {heartbeat}")
         self.path = Path(path)
         self.heartbeat, self.stale_after, self.poll, self.timeout = heartbeat, stale_after, poll, timeout
         self.on_wait = on_wait  # called once with the owner's info when this process has to wait
+        self.judge_by_mtime = judge_by_mtime  # also stale: a file time stale_after older than our clock
         self.token = f"{uuid.uuid4().hex}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -95,7 +103,8 @@ class BuildLock:
                 seen, seen_since = observed, now
             owner = _owner(observed[1])
             dead_here = owner.get("host") == socket.gethostname() and not _pid_alive(owner.get("pid"))
-            if dead_here or now - seen_since > self.stale_after:
+            old = self.judge_by_mtime and time.time() - observed[0] / 1e9 > self.stale_after
+            if dead_here or old or now - seen_since > self.stale_after:
                 self._take_over(observed)
                 continue
             if self.timeout is not None and now - started >= self.timeout:
@@ -173,3 +182,41 @@ def _pid_alive(pid) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return True  # unknown: let the heartbeat rule decide
     return process_alive(pid)
+
+
+@dataclass(frozen=True)
+class OldHeartbeat:
+    """A heartbeat temporary an earlier version's lock left, ``<lock>.beat-<token>``."""
+
+    path: Path
+    size_bytes: int
+    age: float  # seconds since it last changed: its file time against this host's clock
+    stale: bool  # unchanged for longer than the lock's stale_after: no live holder writes it
+
+
+def find_old_heartbeats(folder: str | os.PathLike, stale_after: float = STALE_AFTER) -> list[OldHeartbeat]:
+    """The ``*.lock.beat-*`` files in ``folder`` (not recursive), judged by age: their names
+    carry no host or pid. A live holder replaces its heartbeat file within a moment."""
+    found = []
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.lock.beat-*")) if folder.is_dir() else []:
+        try:
+            info = path.stat()
+        except FileNotFoundError:  # replaced meanwhile by its writer
+            continue
+        age = time.time() - info.st_mtime
+        found.append(OldHeartbeat(path, info.st_size, age, age > stale_after))
+    return found
+
+
+def remove_stale_old_heartbeats(folder: str | os.PathLike, stale_after: float = STALE_AFTER) -> list[OldHeartbeat]:
+    """Delete the stale :func:`find_old_heartbeats` of ``folder``; returns them."""
+    removed = []
+    for beat in find_old_heartbeats(folder, stale_after):
+        if beat.stale:
+            try:
+                beat.path.unlink(missing_ok=True)
+            except OSError:  # a read-only folder: leave it, the write that follows says why
+                continue
+            removed.append(beat)
+    return removed

@@ -362,15 +362,26 @@ def run_data(args: argparse.Namespace) -> None:
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    for action, help_text in (("ls", "list cached feature sets"), ("clear", "delete cached feature sets (not one a live process is building: those are named)")):
-        p = sub.add_parser(action, help=help_text)
-        p.add_argument("--cache-dir", default=None)
+    from ..buildlock import HEARTBEAT, STALE_AFTER
+
+    clear_help = (
+        "delete cached feature sets. Kept, and named: an entry a live process of this host is building, and one "
+        "whose build lock another host holds; such an entry is cleared once its lock is stale: its file unchanged "
+        f"for {STALE_AFTER:.0f} s (the lock's stale-after period; a live holder rewrites it every {HEARTBEAT:.0f} s), "
+        "judged by the file's time against this machine's clock"
+    )
+    for action, help_text, description in (
+        ("ls", "list cached feature sets, partly written files and leftovers", None),
+        ("clear", "delete cached feature sets, except those a live process builds", clear_help),
+    ):
+        p = sub.add_parser(action, help=help_text, description=description or help_text)
+        p.add_argument("--cache-dir", default=None, help="default: $AUDIOPETL_CACHE or ~/.cache/audiopetl")
         if action == "clear":
             p.add_argument("--key", default=None, help="one entry (default: all)")
 
 
 def run_cache(args: argparse.Namespace) -> None:
-    from ..data import clear_cache, list_cache_entries, list_temporaries
+    from ..data import clear_cache, list_cache_entries, list_old_heartbeats, list_temporaries
 
     if args.cache_command == "ls":
         entries = list_cache_entries(args.cache_dir)
@@ -383,7 +394,14 @@ def run_cache(args: argparse.Namespace) -> None:
                 if temp.stale else f"being written by process {temp.pid} on {temp.host}"
             )
             print(f"temporary {temp.size_bytes / 2**20:9.1f} MiB  {temp.path.name}  ({state})")
-        if not entries and not temporaries:
+        old_beats = list_old_heartbeats(args.cache_dir)
+        for beat in old_beats:
+            state = (
+                "stale: left by a killed build lock of an earlier version, removed at the next use or by `cache clear`"
+                if beat.stale else f"heartbeat of an earlier version's build lock, written {beat.age:.0f} s ago"
+            )
+            print(f"temporary {beat.size_bytes / 2**20:9.1f} MiB  {beat.path.name}  ({state})")
+        if not entries and not temporaries and not old_beats:
             print("(cache is empty)")
     else:
         removed = clear_cache(args.cache_dir, key=args.key)

@@ -14,6 +14,7 @@ from .cache import (
     default_cache_dir,
     index_features,
     list_cache_entries,
+    list_old_heartbeats,
     list_temporaries,
     write_bad_audio_report,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "given_split",
     "index_features",
     "list_cache_entries",
+    "list_old_heartbeats",
     "list_temporaries",
     "rotation_splits",
     "stratified_split",

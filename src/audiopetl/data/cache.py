@@ -17,9 +17,10 @@ dies halfway or a corrupted file leaves nothing a later run would use: the entry
 rebuilt. Concurrent processes, on one host or several sharing the
 cache over NFS, build an entry once: the builder holds `<key>.lock`
 (:class:`audiopetl.buildlock.BuildLock`, a heartbeat lock file, not flock). Temporaries of
-killed builds on this host are removed at the next use (never a live process's); `cache
-ls` shows the ones present; `cache clear` skips, naming them, entries whose build lock a
-process holds and temporaries a live process of this host is writing.
+killed builds on this host are removed at the next use (never a live process's), and so
+are heartbeat files earlier versions' locks left (``<key>.lock.beat-*``, judged by age);
+`cache ls` shows the ones present; `cache clear` skips, naming them, entries whose build
+lock a process holds and temporaries a live process of this host is writing.
 
 Decoding runs in a pool of one process per usable core: the cores of this process's CPU
 affinity, capped by ``$AUDIOPETL_CPUS`` when set (``--launcher local --workers N`` sets it
@@ -51,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import Temporary, WriteError, atomic_path, find_temporaries, remove_stale_temporaries
-from ..buildlock import BuildLock, LockHeld
+from ..buildlock import BuildLock, LockHeld, OldHeartbeat, find_old_heartbeats, remove_stale_old_heartbeats
 from ..frontend import AudioError, FbankConfig, Frontend, as_frontend, channel_policy, load_audio
 from ..integrity import file_checksum
 from .base import DatasetIndex
@@ -153,6 +154,7 @@ class FeatureCache:
         config = as_frontend(config)
         key = self.key(paths, config)
         remove_stale_temporaries(self.dir)  # leftovers of builds killed earlier (never a live one's)
+        remove_stale_old_heartbeats(self.dir)  # and of killed lock holders of earlier versions
         manifest = self._verified_manifest(key)
         if manifest is None:
             # Concurrent runs (sweep workers, Slurm jobs, DDP ranks) build an entry once: the
@@ -366,6 +368,12 @@ def list_temporaries(cache_dir: str | os.PathLike | None = None) -> list[Tempora
     return find_temporaries(FeatureCache(cache_dir).dir)
 
 
+def list_old_heartbeats(cache_dir: str | os.PathLike | None = None) -> list[OldHeartbeat]:
+    """Heartbeat files earlier versions' build locks left in the cache (``.stale`` once
+    older than the lock's stale-after period; removed by the next cache use, or by `cache clear`)."""
+    return find_old_heartbeats(FeatureCache(cache_dir).dir)
+
+
 def clear_cache(
     cache_dir: str | os.PathLike | None = None, key: str | None = None, on_skip: Callable[[str], None] = print
 ) -> int:
@@ -374,9 +382,10 @@ def clear_cache(
 
     Nothing is pulled from under a live process: an entry whose build lock another process
     holds, and a temporary a live process of this host is writing, are kept, each reported to
-    `on_skip` in one line naming the path and its owner. (A lock of another host is always
-    kept: whether its holder lives cannot be told at once; the next build takes it over once
-    it stops beating.)"""
+    `on_skip` in one line naming the path and its owner. Whether the holder of another host's
+    lock lives cannot be asked, so its lock is judged by its file time: one that has not
+    changed for the lock's stale-after period (no heartbeat) is taken over and its entry
+    cleared; a younger one is kept."""
     cache = FeatureCache(cache_dir)
     if not cache.dir.is_dir():
         if key is not None:
@@ -392,8 +401,9 @@ def clear_cache(
     temporaries = {temporary.path: temporary for temporary in find_temporaries(cache.dir)}
     removed = 0
     for k in keys:
-        # Held while deleting, so no build starts meanwhile; a dead process's lock here is taken over.
-        lock = BuildLock(cache.dir / f"{k}.lock", timeout=0)
+        # Held while deleting, so no build starts meanwhile; a lock whose process died here, or
+        # that has not changed for stale_after (another host's), is taken over.
+        lock = BuildLock(cache.dir / f"{k}.lock", timeout=0, judge_by_mtime=True)
         try:
             lock.acquire()
         except LockHeld as held:
