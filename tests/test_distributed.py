@@ -1,6 +1,7 @@
 """Data-parallel training on CPU with gloo: 2 ranks at global batch B train the same adapter as
 1 process at batch B (LoRA through `--nproc`, an adapter method through torchrun), a killed
-2-rank run resumes exactly (as rank 0 sees the files), and a write failing on rank 0 stops
+2-rank run resumes exactly (as rank 0 sees the files), `train --resume` (torchrun, --nproc)
+resumes like one process when rank 1 cannot see the run's config.yaml, and a write failing on rank 0 stops
 every rank. Every multi-process run is bounded in time (``multiprocess``): a rank waiting
 forever for another fails its test instead of hanging the suite."""
 
@@ -157,7 +158,8 @@ def hide_run_files_on_rank_1() -> None:
 
 # `audiopetl train ARGS...` as one rank, rank 1 seeing a stale run folder.
 _CLI_ON_A_STALE_RANK_1 = ("import sys; from test_distributed import hide_run_files_on_rank_1; "
-                          "hide_run_files_on_rank_1(); from audiopetl.cli.main import main; sys.exit(main(sys.argv[1:]))")
+                          "hide_run_files_on_rank_1(); from audiopetl.cli.main import main; "
+                          "sys.exit(main(sys.argv[1:]))")
 
 
 def _resume_run_on_a_stale_rank_1(run_dir: Path) -> None:

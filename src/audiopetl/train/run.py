@@ -86,12 +86,12 @@ def resume_run(run_dir: str | Path, runtime: dict | None = None) -> dict:
     Started as one of several ranks, every rank joins the process group first and rank 0
     alone reads ``config.yaml`` for all of them: a rank whose shared file system shows a
     stale folder (no ``config.yaml`` yet) would otherwise fail alone, and the launcher would
-    stop the others with an error that does not say why. The group's device is the one
+    stop the others, the reason lost among their errors. The group's device is the one
     ``--device auto`` picks (``cuda:LOCAL_RANK`` where CUDA is available), as the run
     is not read yet.
     """
     run_dir = Path(run_dir)
-    ranks, device, created_group = distributed.setup(resolve_device("auto"))
+    _, device, created_group = distributed.setup(resolve_device("auto"))
     try:
         config = distributed.broadcast(distributed.on_main(
             lambda: dataclasses.replace(recorded_config(run_dir), **(runtime or {})), f"read {run_dir / CONFIG}"))
