@@ -143,6 +143,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, help_text in (
         ("grad-checkpointing", "activation checkpointing for long clips (default: off)"),
         ("compile", "torch.compile the model (default: on for CUDA, off on CPU)"),
+        ("fused-qkv", "AST: one GEMM for q, k and v (default: on for CUDA, off on CPU)"),
+        ("fused-adamw", "one fused AdamW kernel (default: on for CUDA, off on CPU)"),
         ("embedding-cache", "linear probing: train the head on cached embeddings (default: on)"),
         ("tensorboard", "also log to TensorBoard (default: off)"),
         ("progress", "progress bars (default: on)"),

@@ -56,6 +56,8 @@ class TrainConfig:
     precision: str = "auto"
     grad_checkpointing: bool = False
     compile: bool | None = None  # torch.compile the blocks (the whole model if the backbone cannot); None: on for CUDA, off on CPU
+    fused_qkv: bool | None = None  # one q/k/v GEMM (AST); None: on for CUDA, off on CPU (measured slower there)
+    fused_adamw: bool | None = None  # one fused AdamW kernel; None: on for CUDA, off on CPU
     embedding_cache: bool = True  # linear probing: train the head on cached embeddings
     adapter_dtype: str = "fp32"  # storage of the shipped adapter file: fp32 (exact), fp16 or bf16 (half size)
     skip_bad_audio: bool = False

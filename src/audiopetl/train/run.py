@@ -102,6 +102,7 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
         dtype=DTYPES[config.precision],
         progress=config.progress,
         tensorboard=config.tensorboard,
+        fused_adamw=config.fused_adamw,
     )
 
     dataset = get_dataset(config.dataset)
@@ -123,6 +124,10 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
     # Everything that can fail without audio fails here, before the (long) feature computation.
     backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
     check_model(backbone, methods, len(index.class_names), config)
+    if config.fused_qkv is not None:
+        if not hasattr(backbone, "set_fused_qkv"):
+            raise ValueError(f"fused_qkv: the {type(backbone).__name__} backbone has no fused q/k/v path; leave it unset")
+        backbone.set_fused_qkv(config.fused_qkv)
 
     frontend = _with_channels(backbone.frontend(config.max_frames), config.channels)
     if not frontend.spectrogram:
