@@ -7,8 +7,10 @@ file or the complete new one, never a half-written one, even after a crash or a 
 A temporary's name carries the host and process id of its writer
 (``<name>.<host>.<pid>.<token>.tmp``), so a later start can tell the leftovers of a killed
 writer (same host, process gone: :func:`remove_stale_temporaries`) from a file another
-live process is writing right now. Files are created with mode 0666 minus the umask, like
-any other file the user creates, so a shared cache or run folder stays readable.
+live process is writing right now. The build lock's heartbeat and takeover files
+(:mod:`audiopetl.buildlock`) are named the same way, so the same sweep removes theirs. Files
+are created with mode 0666 minus the umask, like any other file the user creates, so a
+shared cache or run folder stays readable.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class Temporary:
         """
         return self.host == _HOST and not process_alive(self.pid)
 
+    @property
+    def live_here(self) -> bool:
+        """Its writer runs on this host right now (`cache clear` leaves it alone)."""
+        return self.host == _HOST and process_alive(self.pid)
+
 
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host (one owned by another user counts)."""
@@ -61,10 +68,15 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def temporary_name(path: Path) -> Path:
+    """A fresh temporary name next to ``path`` that names this host and process."""
+    return path.with_name(f"{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def _create(path: Path) -> Path:
     """A new empty temporary next to ``path``, created with 0666 & ~umask (not mkstemp's 0600)."""
     while True:
-        temp = path.with_name(f"{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        temp = temporary_name(path)
         try:
             os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return temp

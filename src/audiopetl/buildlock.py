@@ -5,7 +5,9 @@ cache; the first to need an entry builds it and the others wait for it. ``flock`
 locks are unreliable or absent on NFS, so the lock is a file created with
 ``O_CREAT | O_EXCL`` (atomic on local filesystems and on NFSv3+ servers). It holds the
 owner's host, pid and a token; while held, a background thread rewrites it every
-``heartbeat`` seconds.
+``heartbeat`` seconds (through a temporary named like :func:`audiopetl.atomic.atomic_path`'s,
+``<lock>.<host>.<pid>.<token>.tmp``, so the leftover of a holder killed mid-beat is swept
+with the other temporaries of dead processes).
 
 A waiter decides a lock is stale, and takes it over, when
 
@@ -34,11 +36,19 @@ import time
 import uuid
 from pathlib import Path
 
-from .atomic import process_alive
+from .atomic import process_alive, temporary_name
 
 HEARTBEAT = 10.0  # seconds between heartbeats of a held lock
 STALE_AFTER = 120.0  # seconds without a heartbeat after which a lock is taken over
 POLL = 0.5  # seconds between checks of a waiter
+
+
+class LockHeld(TimeoutError):
+    """The lock stayed held for the ``timeout`` given; ``owner``: the holder's host, pid and token."""
+
+    def __init__(self, message: str, owner: dict):
+        super().__init__(message)
+        self.owner = owner
 
 
 class BuildLock:
@@ -88,8 +98,8 @@ class BuildLock:
             if dead_here or now - seen_since > self.stale_after:
                 self._take_over(observed)
                 continue
-            if self.timeout is not None and now - started > self.timeout:
-                raise TimeoutError(f"{self.path} is held by {owner} for more than {self.timeout:.0f} s")
+            if self.timeout is not None and now - started >= self.timeout:
+                raise LockHeld(f"{self.path} is held by {owner} for more than {self.timeout:.0f} s", owner)
             if not told and self.on_wait is not None:
                 self.on_wait(owner)
                 told = True
@@ -101,7 +111,7 @@ class BuildLock:
     def _take_over(self, judged: tuple[int, bytes]) -> None:
         if _observe(self.path) != judged:
             return  # changed since we judged it: a new owner, or the old one came back
-        stale = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
+        stale = temporary_name(self.path)  # swept like any temporary if we are killed before the unlink
         try:
             os.rename(self.path, stale)  # one waiter wins; the others find a fresh lock or none
         except FileNotFoundError:
@@ -119,7 +129,7 @@ class BuildLock:
             try:
                 if _owner(self.path.read_bytes()).get("token") != self.token:
                     return  # taken over (we were presumed dead): do not touch the new owner's file
-                temp = self.path.with_name(f"{self.path.name}.beat-{self.token}")
+                temp = temporary_name(self.path)
                 temp.write_bytes(self._payload())
                 os.replace(temp, self.path)
             except OSError:

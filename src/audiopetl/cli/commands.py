@@ -361,7 +361,7 @@ def run_data(args: argparse.Namespace) -> None:
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    for action, help_text in (("ls", "list cached feature sets"), ("clear", "delete cached feature sets")):
+    for action, help_text in (("ls", "list cached feature sets"), ("clear", "delete cached feature sets (not one a live process is building: those are named)")):
         p = sub.add_parser(action, help=help_text)
         p.add_argument("--cache-dir", default=None)
         if action == "clear":

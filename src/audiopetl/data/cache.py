@@ -6,15 +6,24 @@ convolutional feature encoder of a speech backbone, so that epochs after the fir
 An entry is `<key>.f32` (raw rows of the frontend's `feature_shape`) plus `<key>.json`, its
 manifest, under `<cache dir>/features/`. The key hashes every file's path, size and
 mtime (ns) with the frontend settings, so a touched file or a changed setting gives a new
-entry. The data file is built under a temporary name, fsynced and renamed; the manifest
-is written the same way and last, with a checksum of the data file. Only an entry with a
-manifest is trusted, and only while its data file matches the checksum (verified once per
-process), so a build that dies halfway or a corrupted file leaves nothing a later run
-would use: the entry is rebuilt. Concurrent processes, on one host or several sharing the
+entry. For a frontend computed by a neural network (a speech encoder's conv feature
+encoder) it also names the device type the network runs on (``cpu``/``cuda``: their
+kernels differ in the last bits); filterbank keys stay as they were (training computes
+filterbanks on the CPU). The data file is built under a temporary name, fsynced and
+renamed; the manifest is written the same way and last, with a checksum of the data file.
+Only an entry with a manifest is trusted, and only while its data file matches the
+checksum (read once per process and data file, whether it matches or not), so a build that
+dies halfway or a corrupted file leaves nothing a later run would use: the entry is
+rebuilt. Concurrent processes, on one host or several sharing the
 cache over NFS, build an entry once: the builder holds `<key>.lock`
 (:class:`audiopetl.buildlock.BuildLock`, a heartbeat lock file, not flock). Temporaries of
 killed builds on this host are removed at the next use (never a live process's); `cache
-ls` shows the ones present.
+ls` shows the ones present; `cache clear` skips, naming them, entries whose build lock a
+process holds and temporaries a live process of this host is writing.
+
+Decoding runs in a pool of one process per usable core: the cores of this process's CPU
+affinity, capped by ``$AUDIOPETL_CPUS`` when set (``--launcher local --workers N`` sets it
+to each worker's share, so N workers do not each start a pool of every core).
 
 Unusable files (undecodable, empty, NaN/Inf, silent) are recorded in the manifest, so a
 rerun reports them, or skips them, without decoding anything again.
@@ -32,7 +41,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +51,18 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import Temporary, WriteError, atomic_path, find_temporaries, remove_stale_temporaries
-from ..buildlock import BuildLock
+from ..buildlock import BuildLock, LockHeld
 from ..frontend import AudioError, FbankConfig, Frontend, as_frontend, channel_policy, load_audio
 from ..integrity import file_checksum
 from .base import DatasetIndex
 
 CACHE_ENV = "AUDIOPETL_CACHE"
+CPUS_ENV = "AUDIOPETL_CPUS"  # most cores one process uses (its decode pool); set by local sweep workers
 FORMAT = 1  # bump when the stored layout or the meaning of a key changes
 BATCH = 32  # clips per frontend call: enough to amortise, small enough for 2-core laptops
-_VERIFIED: set[tuple[str, int, int]] = set()  # data files this process has checksummed (path, size, mtime)
+# Data files this process has checksummed, by (path, size, mtime ns, inode): a rebuilt file is a new inode.
+_VERIFIED: set[tuple[str, int, int, int]] = set()  # matched their manifest
+_CORRUPT: set[tuple[str, int, int, int]] = set()  # did not: rebuilt, never read again
 
 
 def default_cache_dir() -> Path:
@@ -110,8 +122,12 @@ class FeatureCache:
         self.root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.dir = self.root / "features"
 
-    def key(self, paths: Sequence[str], config: Frontend | FbankConfig) -> str:
-        """Content hash of the files' identities (path, size, mtime ns) and the settings."""
+    def key(self, paths: Sequence[str], config: Frontend | FbankConfig, device_type: str | None = None) -> str:
+        """Content hash of the files' identities (path, size, mtime ns) and the settings.
+
+        A frontend computed by a network (one with a ``device_type``) adds the device type it
+        runs on, ``device_type`` if given (``"cpu"``/``"cuda"``), else its own.
+        """
         files = []
         for path in paths:
             try:
@@ -119,9 +135,11 @@ class FeatureCache:
                 files.append([path, stat.st_size, stat.st_mtime_ns])
             except OSError:
                 files.append([path, None, None])  # missing: reported as bad when built
-        settings = as_frontend(config).settings
-        blob = json.dumps({"format": FORMAT, "frontend": settings, "files": files}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        frontend = as_frontend(config)
+        identity = {"format": FORMAT, "frontend": frontend.settings, "files": files}
+        if hasattr(frontend, "device_type"):  # not filterbanks: their existing keys stay valid
+            identity["device"] = device_type or frontend.device_type
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def features(
         self, paths: Sequence[str | os.PathLike], config: Frontend | FbankConfig, skip_bad_audio: bool = False,
@@ -176,13 +194,16 @@ class FeatureCache:
         if manifest is None:
             return None
         data = self.dir / f"{key}.f32"
-        stat = data.stat()
-        if (str(data), stat.st_size, stat.st_mtime_ns) in _VERIFIED:
+        identity = _identity(data)
+        if identity in _VERIFIED:
             return manifest
+        if identity in _CORRUPT:  # found corrupt before the lock was taken: not read again
+            return None
         if manifest.get("checksum") != file_checksum(data):
             print(f"audiopetl: cache entry {data} is corrupt (checksum mismatch); rebuilding it", file=sys.stderr)
+            _CORRUPT.add(identity)
             return None
-        _VERIFIED.add((str(data), stat.st_size, stat.st_mtime_ns))
+        _VERIFIED.add(identity)
         return manifest
 
     def _build(self, key: str, paths: list[str], config: Frontend, progress: bool) -> dict:
@@ -202,9 +223,15 @@ class FeatureCache:
             "size_bytes": (self.dir / f"{key}.f32").stat().st_size,
             "checksum": file_checksum(self.dir / f"{key}.f32"),
         }
+        _VERIFIED.add(_identity(self.dir / f"{key}.f32"))  # just checksummed: a later use need not read it again
         with atomic_path(self.dir / f"{key}.json") as temp:
             temp.write_text(json.dumps(manifest, indent=1))
         return manifest
+
+
+def _identity(path: Path) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def _waiting(key: str):
@@ -221,7 +248,8 @@ def _compute(
     """Write the features of every decodable file to `out`, in order; return the bad ones.
 
     Decoding and resampling (the slow part) run in `workers` processes (default: one per
-    usable core, at least `FILES_PER_WORKER` files each); the frontend runs here, batched.
+    usable core (:func:`usable_cpus`), at least `FILES_PER_WORKER` files each); the frontend
+    runs here, batched.
     """
     workers = _decode_workers(len(paths)) if workers is None else workers
     bad: list[tuple[int, str]] = []
@@ -254,9 +282,19 @@ def _compute(
 FILES_PER_WORKER = 32  # below this a worker process costs more (start-up, imports) than it saves
 
 
-def _decode_workers(num_files: int) -> int:
+def usable_cpus() -> int:
+    """Cores this process may use: those of its CPU affinity, at most ``$AUDIOPETL_CPUS`` when set."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, num_files // FILES_PER_WORKER))
+    share = os.environ.get(CPUS_ENV, "").strip()
+    if not share:
+        return cores
+    if not share.isdigit() or int(share) < 1:
+        raise ValueError(f"${CPUS_ENV} must be a positive whole number of cores, got {share!r}")
+    return min(cores, int(share))
+
+
+def _decode_workers(num_files: int) -> int:
+    return max(1, min(usable_cpus(), num_files // FILES_PER_WORKER))
 
 
 def _decode(path: str, sample_rate: int, max_samples: int, channels: str) -> np.ndarray | str:
@@ -326,9 +364,17 @@ def list_temporaries(cache_dir: str | os.PathLike | None = None) -> list[Tempora
     return find_temporaries(FeatureCache(cache_dir).dir)
 
 
-def clear_cache(cache_dir: str | os.PathLike | None = None, key: str | None = None) -> int:
+def clear_cache(
+    cache_dir: str | os.PathLike | None = None, key: str | None = None, on_skip: Callable[[str], None] = print
+) -> int:
     """Delete every entry (and leftovers of interrupted builds), or the one whose key starts
-    with `key`; returns how many entries were removed."""
+    with `key`; returns how many entries were removed.
+
+    Nothing is pulled from under a live process: an entry whose build lock another process
+    holds, and a temporary a live process of this host is writing, are kept, each reported to
+    `on_skip` in one line naming the path and its owner. (A lock of another host is always
+    kept: whether its holder lives cannot be told at once; the next build takes it over once
+    it stops beating.)"""
     cache = FeatureCache(cache_dir)
     if not cache.dir.is_dir():
         if key is not None:
@@ -341,12 +387,30 @@ def clear_cache(cache_dir: str | os.PathLike | None = None, key: str | None = No
             found = "no" if not matches else "several"
             raise ValueError(f"{found} cache entries match {key!r}; entries: {[k[:16] for k in keys]}")
         keys = matches
+    temporaries = {temporary.path: temporary for temporary in find_temporaries(cache.dir)}
     removed = 0
     for k in keys:
-        removed += (cache.dir / f"{k}.json").exists()
-        # Manifest first: once it is gone no reader trusts the data file.
-        for path in sorted(cache.dir.glob(f"{k}.*"), key=lambda p: p.suffix != ".json"):
-            path.unlink(missing_ok=True)
+        # Held while deleting, so no build starts meanwhile; a dead process's lock here is taken over.
+        lock = BuildLock(cache.dir / f"{k}.lock", timeout=0)
+        try:
+            lock.acquire()
+        except LockHeld as held:
+            on_skip(f"kept {lock.path}: its entry is being built by process {held.owner.get('pid', '?')} on "
+                    f"{held.owner.get('host', '?')}")
+            continue
+        try:
+            removed += (cache.dir / f"{k}.json").exists()
+            # Manifest first: once it is gone no reader trusts the data file.
+            for path in sorted(cache.dir.glob(f"{k}.*"), key=lambda p: p.suffix != ".json"):
+                if path == lock.path:
+                    continue  # ours now: release removes it
+                temporary = temporaries.get(path)
+                if temporary is not None and temporary.live_here:
+                    on_skip(f"kept {path}: being written by process {temporary.pid} on {temporary.host}")
+                    continue
+                path.unlink(missing_ok=True)
+        finally:
+            lock.release()
     return removed
 
 

@@ -10,7 +10,9 @@ the sweep is started. A run is *done* when its ``metrics.json`` exists.
   with ``workers > 1`` that many concurrent worker processes (``python -m
   audiopetl.experiments.launchers RUN_DIR``), one visible GPU each via
   ``CUDA_VISIBLE_DEVICES`` (round robin when there are more workers than GPUs), or on a
-  CPU-only machine the cores split between them. Each worker's output goes to ``run.log``.
+  CPU-only machine the cores split between them (``OMP_NUM_THREADS``). Either way each
+  worker's feature cache decodes with at most its share of the cores (``AUDIOPETL_CPUS``).
+  Each worker's output goes to ``run.log``.
 - :class:`SlurmLauncher` (``--launcher slurm``): one ``sbatch`` job per run (plain
   ``sbatch``, no extra Python dependency), its script ``job.sbatch`` and output
   ``slurm-JOBID.log`` in the run directory; partition, time, GPUs, CPUs, memory and extra
@@ -39,6 +41,7 @@ from typing import Callable
 import yaml
 
 from ..atomic import atomic_path, process_alive
+from ..data.cache import CPUS_ENV, usable_cpus
 from ..dataclass_dict import from_dict
 from ..train import TrainConfig, is_finished, run_training
 from ..train.run import _plain
@@ -177,17 +180,22 @@ class LocalLauncher:
             return [f"cuda:{gpus[i % len(gpus)]}" for i in range(self.workers)]
         return ["cpu"] * self.workers
 
-    def _run_worker(self, run_dir: Path, slot: str) -> None:
-        log = run_dir / WORKER_LOG
-        env = {**os.environ, "AUDIOPETL_WORKER_LOG": str(log)}
+    def _worker_env(self, slot: str, log: Path) -> dict[str, str]:
+        """The environment of a worker process: its GPU, or its share of this process's cores."""
+        share = str(max(1, usable_cpus() // self.workers))
+        env = {**os.environ, "AUDIOPETL_WORKER_LOG": str(log), CPUS_ENV: share}  # its decode pool's size
         if slot.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = slot.split(":", 1)[1]
         else:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
+            env["OMP_NUM_THREADS"] = share
+        return env
+
+    def _run_worker(self, run_dir: Path, slot: str) -> None:
+        log = run_dir / WORKER_LOG
         with open(log, "w") as out:
             result = subprocess.run(
                 [sys.executable, "-m", "audiopetl.experiments.launchers", str(run_dir)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, check=False,
+                stdout=out, stderr=subprocess.STDOUT, env=self._worker_env(slot, log), check=False,
             )
         if result.returncode != 0 and run_state(run_dir)[0] != "failed":  # killed or crashed before recording it
             _write_state(run_dir, {"state": "failed", "error": f"worker exited with status {result.returncode}",

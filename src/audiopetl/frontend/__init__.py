@@ -19,7 +19,9 @@ class Frontend(Protocol):
     """``settings``: a JSON dict identifying the computation (the cache key, adapter metadata);
     ``feature_shape``: one clip's output shape; ``sample_rate`` / ``max_samples``: the audio
     it reads (later samples never matter); ``spectrogram``: whether SpecAugment applies;
-    calling it maps (batch, samples) waveforms and their lengths to (batch, *feature_shape)."""
+    calling it maps (batch, samples) waveforms and their lengths to (batch, *feature_shape).
+    A frontend computed by a neural network also has ``device_type`` (``"cpu"``/``"cuda"``,
+    where it runs), which the feature cache keys on."""
 
     settings: dict
     feature_shape: tuple[int, ...]

@@ -83,6 +83,13 @@ class WaveformFrontend(nn.Module):
         return {"kind": KIND, **self.config.to_dict(), "encoder": self.encoder_digest}
 
     @property
+    def device_type(self) -> str:
+        """Where the encoder runs (``"cpu"``, ``"cuda"``): the feature cache keys on it, since
+        GPU and CPU convolutions differ in the last bits. Not in ``settings``, which adapter
+        files record: an adapter trained on one device loads on any."""
+        return next(self.encoder.parameters()).device.type
+
+    @property
     def feature_shape(self) -> tuple[int, int]:
         return self.frames, self.encoder_width + 1
 
