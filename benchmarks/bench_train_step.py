@@ -10,6 +10,8 @@ loads the same random ViT-B checkpoint (transformers format) and trains on the s
   audiopetl-compile  the same with torch.compile (to measure compile on CPU)
   audiopetl-unfused  separate q/k/v projections, no compile (the CPU default; the forward path before)
   audiopetl-fused    fused q/k/v forced on, no compile (the CUDA default, measured on CPU)
+  audiopetl-sdpa     attention by SDPA forced, no compile (the CUDA default, measured on CPU)
+  audiopetl-matmul   attention by two GEMMs around a softmax forced, no compile
   hf-sdpa            transformers ``ASTModel`` (SDPA) + PEFT LoRA / forward hooks, autocast
   hf-sdpa-compile    the same, ``torch.compile`` of the whole model
   hf-eager           transformers eager attention + PEFT / hooks, autocast
@@ -66,6 +68,8 @@ SIDES = {
     "audiopetl-compile": {"impl": "ours", "compile": True},
     "audiopetl-unfused": {"impl": "ours", "compile": False, "fused": False},
     "audiopetl-fused": {"impl": "ours", "compile": False, "fused": True},
+    "audiopetl-sdpa": {"impl": "ours", "compile": False, "attention": "sdpa"},
+    "audiopetl-matmul": {"impl": "ours", "compile": False, "attention": "matmul"},
     "hf-sdpa": {"impl": "hf", "attention": "sdpa"},
     "hf-sdpa-compile": {"impl": "hf", "attention": "sdpa", "compile": True},
     "hf-eager": {"impl": "hf", "attention": "eager"},
@@ -109,7 +113,8 @@ def head(hidden: int) -> nn.Linear:
     return nn.Linear(hidden, NUM_CLASSES)
 
 
-def ours(method: str, frames: int, dtype: torch.dtype, tiny: bool, fused: bool | None = None):
+def ours(method: str, frames: int, dtype: torch.dtype, tiny: bool, fused: bool | None = None,
+         attention: str | None = None):
     from audiopetl.backbone import load_backbone
     from audiopetl.petl import build_model, resolve_methods
 
@@ -117,6 +122,7 @@ def ours(method: str, frames: int, dtype: torch.dtype, tiny: bool, fused: bool |
     # so the numerics check compares like with like; it costs the same as "adapt".
     backbone = load_backbone(checkpoint_dir(tiny), max_frames=frames, pos_embed="zeros")
     backbone.set_fused_qkv(fused)
+    backbone.set_attention_kernel(attention)
     model = build_model(backbone, resolve_methods(METHODS.get(method, method)), num_classes=NUM_CLASSES)
     with torch.no_grad():
         model.head.load_state_dict(head(hidden_size(tiny)).state_dict())
@@ -206,7 +212,7 @@ def build_side(
     if spec.get("fp32"):
         dtype = torch.float32
     if spec["impl"] == "ours":
-        model = ours(method, frames, dtype, tiny, fused=spec.get("fused")).to(device)
+        model = ours(method, frames, dtype, tiny, fused=spec.get("fused"), attention=spec.get("attention")).to(device)
         if dtype != torch.float32:
             model.cast_frozen(dtype)
         compile_ = spec.get("compile", device.type == "cuda")  # the library's default (TrainConfig.compile)

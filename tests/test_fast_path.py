@@ -77,6 +77,37 @@ def test_fused_qkv_computes_the_same_logits_and_gradients(name):
         torch.testing.assert_close(grads_f[key], grads_s[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_matmul_attention_computes_what_sdpa_does(name):
+    """Prefix tuning included: its keys and values join the sequence the kernel attends over."""
+    matmul = model_for(METHODS[name])
+    matmul.backbone.set_attention_kernel("matmul")
+    sdpa = copy.deepcopy(matmul)
+    sdpa.backbone.set_attention_kernel("sdpa")
+    features, labels = batch()
+    logits_m, grads_m = loss_and_grads(matmul, features, labels)
+    logits_s, grads_s = loss_and_grads(sdpa, features, labels)
+    torch.testing.assert_close(logits_m, logits_s, atol=1e-5, rtol=1e-5)
+    for key in grads_s:
+        torch.testing.assert_close(grads_m[key], grads_s[key], atol=1e-5, rtol=1e-4, msg=key)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 inputs, the softmax in fp32
+        assert (matmul(features).float() - sdpa(features).float()).abs().max() <= 0.02 * logits_s.abs().max()
+
+
+def test_attention_kernel_defaults_to_matmul_on_cpu_for_short_sequences_only():
+    from audiopetl.backbone.ast import MATMUL_ATTENTION_MAX_KEYS, attention_kernel
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_kernel(None, cpu, MATMUL_ATTENTION_MAX_KEYS) == "matmul"
+    assert attention_kernel(None, cpu, MATMUL_ATTENTION_MAX_KEYS + 1) == "sdpa"
+    assert attention_kernel(None, cuda, 10) == "sdpa"
+    assert attention_kernel("matmul", cuda, 10_000) == "matmul"
+    attention = AST(TINY).blocks[0].attn
+    assert attention.kernel is None
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'.*sdpa"):
+        AST(TINY).set_attention_kernel("flash")
+
+
 @pytest.mark.parametrize("name", ["lora_qv", "adapter_pf_par", "full"])
 def test_bf16_fast_path_stays_within_bf16_tolerance_of_fp32(name):
     reference = model_for(METHODS[name])

@@ -126,9 +126,11 @@ class Attention(nn.Module):
         # Extension point: a module called with the batch size, returning (keys, values),
         # each (batch, p, hidden), prepended to the projected keys and values.
         self.prefix: nn.Module | None = None
-        # Fast-path knob (not a parameter, not in the state dict): see the class docstring.
+        # Fast-path knobs (not parameters, not in the state dict): see the class docstring.
         # None: fused on CUDA only; True / False force it.
         self.fused_qkv: bool | None = None
+        # "sdpa" (fused kernel), "matmul" (two batched GEMMs around a softmax); None: see ``attention_kernel``.
+        self.kernel: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
@@ -144,7 +146,10 @@ class Attention(nn.Module):
             prefix_k, prefix_v = (_heads(t, self.num_heads) for t in self.prefix(batch))
             k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
             v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if attention_kernel(self.kernel, x.device, k.shape[2]) == "matmul":
+            out = _matmul_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).reshape(batch, length, dim))
 
     @staticmethod
@@ -224,6 +229,27 @@ def _fusable(projections: tuple[nn.Module, ...]) -> bool:
         and all(type(base) is nn.Linear for base in bases)
         and len({(base.in_features, base.bias is None, base.weight.dtype) for base in bases}) == 1
     )
+
+
+ATTENTION_KERNELS = ("sdpa", "matmul")
+# The matmul kernel keeps the (batch, heads, tokens, keys) probabilities for the backward;
+# beyond this many keys per query that memory outgrows its speed gain, so "auto" takes SDPA.
+MATMUL_ATTENTION_MAX_KEYS = 640
+
+
+def attention_kernel(choice: str | None, device: torch.device, keys: int) -> str:
+    """The attention kernel a layer runs: ``choice`` if given, else SDPA on accelerators and,
+    on the CPU, the matmul kernel for sequences of at most ``MATMUL_ATTENTION_MAX_KEYS`` keys
+    (PyTorch's CPU flash-attention kernel is the slower of the two there; see benchmarks/README.md)."""
+    if choice is not None:
+        return choice
+    return "matmul" if device.type == "cpu" and keys <= MATMUL_ATTENTION_MAX_KEYS else "sdpa"
+
+
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` as two batched GEMMs, the softmax in fp32 (as SDPA's math)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
 
 
 def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -396,6 +422,13 @@ class AST(nn.Module):
         Either way the function is the same (see :class:`Attention`)."""
         for block in self.blocks:
             block.attn.fused_qkv = enabled
+
+    def set_attention_kernel(self, kernel: str | None) -> None:
+        """Force every block's attention kernel ("sdpa" or "matmul"); None: :func:`attention_kernel`'s choice."""
+        if kernel is not None and kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {kernel!r}; valid: {list(ATTENTION_KERNELS)}")
+        for block in self.blocks:
+            block.attn.kernel = kernel
 
     # The backbone interface every family provides (see audiopetl.backbone.registry).
     poolings = POOLINGS
