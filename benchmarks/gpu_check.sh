@@ -26,6 +26,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   TRAIN=(--tiny --in-process --sides audiopetl,audiopetl-fused,hf-sdpa,hf-eager-fp32 --methods lora,dpt25)
   INFER=(--tiny --no-compile)
   PROFILE=(--tiny --methods lora)
+  ATTENTION=(--tiny --repeats 1)
   E2E=(--tiny)
 else
   DEVICE=cuda
@@ -33,6 +34,7 @@ else
          --peer-compile-methods lora --budget-s $((BUDGET * 40 / 100)))
   INFER=(--frames 500 --batch 64)
   PROFILE=(--frames 500 --batch 32 --layers 2)
+  ATTENTION=()
   E2E=(--clips "${GPU_CHECK_CLIPS:-1000}" --seconds 5 --epochs 3 --batch 32 --workers 8)
 fi
 START=$SECONDS
@@ -66,6 +68,7 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run with what is left of the budge
 step train_step $((BUDGET * 62 / 100)) "$PY" benchmarks/bench_train_step.py --device "$DEVICE" "${TRAIN[@]}" --out "$OUT"
 step inference 50 "$PY" benchmarks/bench_inference.py --device "$DEVICE" "${INFER[@]}" --out "$OUT"
 step profile_step 40 "$PY" benchmarks/profile_step.py --device "$DEVICE" "${PROFILE[@]}" --out "$OUT"
+step attention 20 "$PY" benchmarks/bench_attention.py --device "$DEVICE" "${ATTENTION[@]}" --out "$OUT"
 
 if ! "$PY" -c 'import soundfile, soxr' 2>/dev/null && [ -n "${WHEELS:-}" ]; then
   "$PY" -m pip install --no-index --find-links "$WHEELS" soundfile soxr >/dev/null
