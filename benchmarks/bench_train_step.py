@@ -8,6 +8,7 @@ loads the same random ViT-B checkpoint (transformers format) and trains on the s
                      fused q/k/v GEMM, fused AdamW and regional torch.compile on CUDA
   audiopetl-eager    the same without torch.compile
   audiopetl-compile  the same with torch.compile (to measure compile on CPU)
+  audiopetl-cudagraphs  compiled with mode "reduce-overhead" (CUDA graphs of the fixed-shape blocks)
   audiopetl-unfused  separate q/k/v projections, no compile (the CPU default; the forward path before)
   audiopetl-fused    fused q/k/v forced on, no compile (the CUDA default, measured on CPU)
   audiopetl-sdpa     attention by SDPA forced, no compile (the CUDA default, measured on CPU)
@@ -66,6 +67,7 @@ SIDES = {
     "audiopetl": {"impl": "ours"},
     "audiopetl-eager": {"impl": "ours", "compile": False},
     "audiopetl-compile": {"impl": "ours", "compile": True},
+    "audiopetl-cudagraphs": {"impl": "ours", "compile": True, "mode": "reduce-overhead"},
     "audiopetl-unfused": {"impl": "ours", "compile": False, "fused": False},
     "audiopetl-fused": {"impl": "ours", "compile": False, "fused": True},
     "audiopetl-sdpa": {"impl": "ours", "compile": False, "attention": "sdpa"},
@@ -209,6 +211,7 @@ def build_side(
 ):
     """(model, forward, optimizer-fused flag, compute dtype) of one side, on ``device``."""
     spec = SIDES[side]
+    mode = spec.get("mode", mode)
     if spec.get("fp32"):
         dtype = torch.float32
     if spec["impl"] == "ours":
@@ -408,7 +411,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for side, (frames, batch), method in order:
         if side == "hf-sdpa-compile" and method not in args.peer_compile_methods.split(","):
             continue
-        compiled = "compile" in side or (side == "audiopetl" and cuda)
+        compiled = SIDES[side].get("compile", side == "audiopetl" and cuda)
         warmup = args.warmup if args.warmup is not None else (3 if compiled else 1)
         jobs.append({"side": side, "method": method, "frames": frames, "batch": batch,
                      "steps": steps, "warmup": warmup, "compile_mode": args.compile_mode})

@@ -30,7 +30,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   E2E=(--tiny)
 else
   DEVICE=cuda
-  TRAIN=(--shapes 500x32,100x128 --sides audiopetl,hf-sdpa,hf-eager-fp32,audiopetl-eager,hf-sdpa-compile
+  TRAIN=(--shapes 500x32,100x128 --sides audiopetl,hf-sdpa,hf-eager-fp32,audiopetl-eager,hf-sdpa-compile,audiopetl-cudagraphs
          --peer-compile-methods lora --budget-s $((BUDGET * 40 / 100)))
   INFER=(--frames 500 --batch 64)
   PROFILE=(--frames 500 --batch 32 --layers 2)
