@@ -139,3 +139,43 @@ def test_report_tsne_plots_the_cls_token_of_each_run(mini_sweep, tmp_path):
     plots = sorted(p.name for p in out.glob("tsne-*.png"))
     assert plots == ["tsne-folder-bottleneck-pf-par.png", "tsne-folder-lora.png"]
     assert all((out / p).stat().st_size > 1000 for p in plots)
+
+
+def test_report_tsne_embeds_speech_clips_with_the_runs_pooling(tmp_path):
+    """A speech encoder has no [CLS]: each point is the run's pooled output, the mean of the clip's
+    frames with the padding left out, computed here from the WAV files."""
+    import torch
+
+    from audiopetl.experiments.inference import load_for_inference, waveform_features
+    from audiopetl.experiments.report import tsne_embeddings
+    from audiopetl.frontend import frontend_from_settings
+    from audiopetl.frontend.audio import load_audio
+
+    data = make_synthetic_dataset(tmp_path / "data", clips_per_class=4, seconds=0.5, classes=("low_tone", "chirp"))
+    recipe = tmp_path / "speech.yaml"
+    recipe.write_text(
+        "title: speech\ndatasets: [folder]\nmethods:\n  Linear: linear\n"
+        "base: {backbone: tiny-random-wav2vec2-stable, max_frames: 80, epochs: 1, batch_size: 8, progress: false, "
+        "device: cpu}\n"
+    )
+    runs_dir = tmp_path / "runs"
+    run_sweep(load_recipe(recipe), {"folder": str(data)}, runs_dir, overrides={"cache_dir": str(tmp_path / "cache")})
+    run_dir = runs_dir / "folder" / "linear"
+    embeddings, labels, class_names, what = tsne_embeddings(run_dir)
+    assert what == "mean-pooled output" and len(embeddings) > 0
+
+    model = load_for_inference(sorted(run_dir.glob("*/adapter.safetensors"))[0], device="cpu")
+    frontend = frontend_from_settings(model.metadata["frontend"], model.backbone)
+    by_hand = {}
+    with torch.no_grad():
+        for path in sorted(data.glob("*/*.wav")):
+            features = waveform_features(frontend, [torch.from_numpy(load_audio(path))])
+            valid = features[0, :, -1] > 0.5
+            assert not valid.all()  # 0.5 s clips in 0.8 s inputs: padded
+            hidden = model.hidden(features)[0]
+            by_hand[path] = (class_names.index(path.parent.name), hidden[valid].mean(0), hidden[0])
+    for embedding, label in zip(torch.from_numpy(embeddings), labels):
+        matches = [p for p, (lab, mean, _) in by_hand.items() if torch.allclose(embedding, mean, rtol=0, atol=1e-5)]
+        assert len(matches) == 1 and by_hand[matches[0]][0] == label
+        assert not any(torch.allclose(embedding, first, rtol=0, atol=1e-3) for _, _, first in by_hand.values())
+    assert (write_report(runs_dir, tmp_path / "report", tsne=True) / "tsne-folder-linear.png").stat().st_size > 1000

@@ -113,6 +113,24 @@ def test_soft_moa_matches_its_definition(normalize):
         torch.testing.assert_close(c[b].sum(dim=(1, 2)), torch.ones(tokens, dtype=torch.float64))
 
 
+def test_soft_moa_dispatches_real_tokens_only():
+    """Padded tokens get no dispatch weight: the slots, and the real tokens' outputs, are those of the
+    real tokens alone; the combine weights of every token are untouched."""
+    torch.manual_seed(0)
+    layer = SoftMixture(8, 2, SoftMoAConfig(num_adapters=3, num_slots=2, reduction_rate=4)).double()
+    perturb(layer)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    with torch.no_grad():
+        dispatch, combine = layer.weights(x, valid)
+        _, plain_combine = layer.weights(x)
+        assert (dispatch[1, 4:] == 0).all()
+        torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(2, 3, 2, dtype=torch.float64))
+        torch.testing.assert_close(combine, plain_combine, rtol=0, atol=0)
+        torch.testing.assert_close(layer(x, valid)[1, :4], layer(x[1:, :4])[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer(x, valid)[0], layer(x)[0], rtol=0, atol=0)
+
+
 def test_dense_moa_matches_its_definition():
     dim, experts, tokens = 8, 3, 5
     torch.manual_seed(0)

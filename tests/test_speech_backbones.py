@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -226,6 +227,91 @@ def test_prompts_follow_the_positional_convolution_and_count_as_frames():
     torch.testing.assert_close(pooled, hidden[2, : 4 + int(valid)].mean(0), rtol=0, atol=1e-5)
 
 
+# Methods that mix tokens: convolutions over time, Soft-MoA's dispatch softmax over tokens.
+TOKEN_MIXING = {
+    "soft_moa": {"method": "soft_moa", "layout": "houlsby", "num_adapters": 3, "num_slots": 2, "reduction_rate": 16},
+    "dense_moa-convpass": {"method": "dense_moa", "module": "convpass", "num_adapters": 2, "reduction_rate": 16},
+    "convpass": {"method": "adapter", "module": "convpass", "layout": "houlsby", "reduction_rate": 16},
+    "convpass-seq-before": {"method": "adapter", "module": "convpass", "insertion": "sequential",
+                            "position": "before", "reduction_rate": 16},
+    "conformer": {"method": "adapter", "module": "conformer", "layout": "houlsby", "reduction_rate": 16},
+    "dpt+conformer": [{"method": "dpt", "num_prompts": 2},
+                      {"method": "adapter", "module": "conformer", "location": "ffn", "reduction_rate": 16}],
+}
+
+
+@pytest.mark.parametrize("method", list(TOKEN_MIXING))
+def test_a_clips_logits_do_not_depend_on_the_padding_of_its_batch(method):
+    """On a model that masks padding, a clip alone (no padding) and in a batch padded to a longer clip."""
+    backbone = load_backbone("tiny-random-wav2vec2-stable")
+    features = _features(backbone)  # clips of 6400, 4000 and 3000 samples
+    frames = int(features[2, :, -1].sum())
+    assert 0 < frames < features.shape[1]
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(backbone), TOKEN_MIXING[method], num_classes=3).eval()
+    with torch.no_grad():
+        for param in model.trainable_parameters():  # adapters start at zero output: give them a function
+            param.normal_(0, 0.3)
+        batched = model(features)[2]
+        alone = model(features[2:, :frames])[0]
+    torch.testing.assert_close(alone, batched, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_with_the_blocks_padding_mask():
+    backbone = load_backbone("tiny-random-wav2vec2-stable")
+    features = _features(backbone)
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(backbone), TOKEN_MIXING["soft_moa"], num_classes=3)
+    with torch.no_grad():
+        for param in model.trainable_parameters():
+            param.normal_(0, 0.3)
+    model(features).logsumexp(-1).sum().backward()
+    expected = [p.grad.clone() for p in model.trainable_parameters()]
+    model.zero_grad()
+    model.backbone.gradient_checkpointing = True
+    model(features).logsumexp(-1).sum().backward()
+    for grad, param in zip(expected, model.trainable_parameters()):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_conformer_batch_statistics_leave_padding_out():
+    """In training the Conformer's BatchNorm normalises with batch statistics: those of real frames only,
+    so more padding changes neither the outputs nor the running statistics."""
+    backbone = load_backbone("tiny-random-wav2vec2-stable")
+    features = _features(backbone)
+    longer = torch.cat([features, torch.zeros(3, 7, features.shape[-1])], dim=1)  # 7 more padded frames each
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(backbone), TOKEN_MIXING["conformer"], num_classes=3)
+    with torch.no_grad():
+        for param in model.trainable_parameters():
+            param.normal_(0, 0.3)
+    other = copy.deepcopy(model)
+    assert model.training and model.backbone.blocks[0].ffn.branches[0].adapter.batch_norm.training
+    with torch.no_grad():
+        torch.testing.assert_close(model(features), other(longer), rtol=0, atol=1e-5)
+    for name, buffer in model.named_buffers():
+        if "running" in name:
+            torch.testing.assert_close(buffer, dict(other.named_buffers())[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone_name", SPEECH_PRESETS)
+@pytest.mark.parametrize("init", ["default", "paper"])
+def test_prompt_init_bound_uses_the_speech_encoders_own_fan_in(backbone_name, init):
+    """uniform(-v, v), v = sqrt(6 / (fan_in + hidden)) with the feature projection's fan-in; the AST's
+    paper bound (3 x its patch fan-in, VPT's RGB channels) is tested in test_paper_setup."""
+    backbone = load_backbone(backbone_name)
+    config = backbone.config
+    bound = math.sqrt(6 / (config.conv_dim[-1] + config.hidden_size))
+    assert backbone.input_fan_in == backbone.feature_projection.proj.in_features == config.conv_dim[-1]
+    torch.manual_seed(0)
+    prompts = build_model(copy.deepcopy(backbone), {"method": "dpt", "num_prompts": 50, "init": init}, num_classes=2)
+    values = torch.cat([b.insert_tokens.prompts.flatten() for b in prompts.backbone.blocks])
+    assert bound * 0.95 < values.abs().max() <= bound
+    prefix = build_model(copy.deepcopy(backbone), {"method": "prefix", "num_tokens": 40, "init": init}, num_classes=2)
+    keys = torch.cat([b.attn.prefix.keys.flatten() for b in prefix.backbone.blocks])
+    assert bound * 0.95 < keys.abs().max() <= bound
+
+
 def test_parameter_counts_and_budgets_on_a_speech_config():
     config = SpeechConfig()  # wav2vec 2.0 base
     dim, layers = config.hidden_size, config.num_layers
@@ -241,6 +327,32 @@ def test_parameter_counts_and_budgets_on_a_speech_config():
     assert full == sum(p.numel() for p in model.parameters()) - frozen + dim * 10 + 10
     sized = parameter_budget("lora", 100_000, config)
     assert abs(count_method_parameters(sized, config) - 100_000) < 20_000
+
+
+@pytest.mark.parametrize("backbone_name", ["tiny-random-wav2vec2", "tiny-random-wav2vec2-stable"])
+def test_paper_counts_keep_the_sublayer_norms_a_method_trains_in_post_and_pre_ln_models(backbone_name):
+    """Post-LN, the final LayerNorm is the last block's FFN one: FFN adapters train it as theirs, so it counts.
+
+    Pre-LN, the final LayerNorm is a module of its own, left out as the paper leaves it out.
+    """
+    config = load_backbone(backbone_name).config
+    dim, layers = config.hidden_size, config.num_layers
+    rank = dim // 16
+    adapter = (dim * rank + rank) + (rank * dim + dim)  # down, up
+    norm = 2 * dim
+    expected = [
+        # Houlsby: an adapter and the trained LayerNorm of each sub-layer, in every layer.
+        ({"method": "bottleneck_hou_par", "reduction_rate": 16}, layers * (2 * adapter + 2 * norm)),
+        ({"method": "adapter", "location": "ffn", "reduction_rate": 16}, layers * (adapter + norm)),
+        ({"method": "adapter", "location": "mhsa", "reduction_rate": 16}, layers * (adapter + norm)),
+        # Mixtures train their sub-layer's LayerNorm too (Houlsby: both sub-layers).
+        ({"method": "dense_moa", "layout": "houlsby", "num_adapters": 2, "reduction_rate": 16},
+         layers * 2 * (2 * adapter + (dim * 2 + 2) + norm)),
+        # LoRA trains no block LayerNorm: the final one alone, left out.
+        ({"method": "lora", "reduction_rate": 16}, layers * 2 * (dim * rank + rank * dim)),
+    ]
+    for spec, count in expected:
+        assert count_method_parameters(spec, config) == count, spec
 
 
 def test_cache_runs_the_feature_encoder_once_and_training_never(tmp_path):

@@ -14,6 +14,9 @@ PETL methods never rewrite a forward pass. They plug into named extension points
 * ``Attention.prefix``: a module returning extra key and value vectors (prefix tuning).
 * ``Block.insert_tokens``: a module run on the sequence before the block (prompt tuning);
   inserted tokens live at positions ``[NUM_SPECIAL_TOKENS, NUM_SPECIAL_TOKENS + p)``.
+* ``Block.frame_mask`` (:class:`FrameMask`): which tokens the block's sub-layers run on are
+  real, for modules that mix tokens (convolutions over time, softmaxes over tokens). The AST
+  has no padding: its ``value`` stays None.
 """
 
 from __future__ import annotations
@@ -269,6 +272,21 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class FrameMask:
+    """Which tokens are real while a block runs; not a module (no state, nothing saved).
+
+    ``value`` is None when every token is real (always for the AST) or the (batch, tokens)
+    bool mask, True for real tokens, of the sequence the block's sub-layers see (the block
+    sets it before running them). Taps modules that mix tokens read it so that padding
+    never changes a clip's output; per-token modules need not. A holder, not an argument of
+    the taps, so that no tap's signature changes; it assumes one forward at a time per model
+    (true of training, DDP's one model per process and the server's single model thread;
+    not of ``nn.DataParallel``'s replicas, which would share it).
+    """
+
+    value: torch.Tensor | None = None
+
+
 class SublayerTaps(nn.Module):
     """Extension point around one pre-LN sub-layer ``x + f(LN(x))``.
 
@@ -324,6 +342,7 @@ class Block(nn.Module):
         self.ffn = SublayerTaps()
         # Extension point: module mapping the token sequence before this block.
         self.insert_tokens: nn.Module | None = None
+        self.frame_mask = FrameMask()  # never set: AST sequences have no padding
 
     def linear(self, name: str) -> nn.Module:
         owner, attr = self._linear_slot(name)
@@ -481,6 +500,7 @@ __all__ = [
     "ASTConfig",
     "Attention",
     "Block",
+    "FrameMask",
     "LowRankUpdate",
     "MLP",
     "NUM_SPECIAL_TOKENS",

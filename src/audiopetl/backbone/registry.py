@@ -11,7 +11,8 @@ Every model class provides what the PETL methods use, so that no method needs to
 backbone it runs on:
 
 * ``config`` (``hidden_size``, ``to_dict()``), ``blocks`` (each with the extension points of
-  :class:`~audiopetl.backbone.ast.Block`), ``norm`` (the last LayerNorm before pooling,
+  :class:`~audiopetl.backbone.ast.Block`; a model whose input has padding sets each block's
+  ``frame_mask``), ``norm`` (the last LayerNorm before pooling,
   trained with every method; BitFit alone trains its bias only), ``encode(x)`` /
   ``forward(x) = norm(encode(x))``, ``gradient_checkpointing``;
 * ``prompt_start`` (sequence position of inserted prompt tokens) and ``input_fan_in`` (fan-in

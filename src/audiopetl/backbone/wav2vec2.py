@@ -21,7 +21,9 @@ with the same maths as transformers' ``Wav2Vec2Model`` / ``HubertModel`` / ``Wav
 
 PETL methods use the same extension points as :mod:`~audiopetl.backbone.ast`
 (``Block.mhsa`` / ``Block.ffn`` taps, ``Block.linear(name)`` with q, k, v, o, ffn_in,
-ffn_out, ``Attention.prefix``, ``Block.insert_tokens``). In the post-LN layout a tap's
+ffn_out, ``Attention.prefix``, ``Block.insert_tokens``, ``Block.frame_mask``: each block
+sets its ``value`` to the padding mask of its sequence, prompts included, where the model
+masks padding). In the post-LN layout a tap's
 "before" reads the sub-layer's input ``x`` (already normalised by the previous LayerNorm)
 and "after" reads ``f(x)``; whatever the taps produce is added to ``x`` and then goes
 through the sub-layer's LayerNorm: ``LN(x + y)`` (see :class:`PostNormTaps`). Prompt tokens
@@ -48,7 +50,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..dataclass_dict import from_dict
-from .ast import MLP, Block, SublayerTaps
+from .ast import MLP, Block, FrameMask, SublayerTaps
 from .presets import seeded
 
 MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
@@ -318,6 +320,7 @@ class SpeechBlock(Block):
         self.mhsa = taps()
         self.ffn = taps()
         self.insert_tokens: nn.Module | None = None
+        self.frame_mask = FrameMask()
 
     def forward(
         self,
@@ -332,6 +335,7 @@ class SpeechBlock(Block):
             x = self.insert_tokens(x)
             if mask is not None and x.shape[1] != mask.shape[1]:
                 mask = F.pad(mask, (x.shape[1] - mask.shape[1], 0), value=True)
+        self.frame_mask.value = mask  # for taps modules that mix tokens (see FrameMask)
         bias = position_bias(x.shape[1]) if position_bias is not None else None
         attention = functools.partial(self.attn, mask=mask, bias=bias)
         x = self.mhsa(x, self.norm1, attention)

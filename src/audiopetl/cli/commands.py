@@ -489,7 +489,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs_dir", type=Path, help="a folder of runs (e.g. runs/table1)")
     parser.add_argument("--out", type=Path, default=None, help="default: RUNS_DIR/report")
     parser.add_argument("--tsne", action=argparse.BooleanOptionalAction, default=False,
-                        help="also plot the t-SNE of the [CLS] token of each run (needs the data)")
+                        help="also plot the t-SNE of each run's clip embeddings, the [CLS] token (AST) or "
+                             "the pooled output (speech encoders) (needs the data)")
 
 
 def run_report(args: argparse.Namespace) -> None:

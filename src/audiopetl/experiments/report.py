@@ -5,7 +5,8 @@ run's ``metrics.json``). :func:`write_report` writes ``results.md`` / ``results.
 (rows = methods; columns = datasets, or dataset x K for few-shot, or budgets; the
 paper's published figure beside ours where it exists), ``accuracy_vs_params.png``
 (Fig. 3/4), ``few_shot.png`` for few-shot sweeps, and with ``tsne=True`` a t-SNE plot of
-the [CLS] token per run (Fig. 2).
+each run's clip embeddings (Fig. 2: the [CLS] token; the pooled output where the backbone
+has no [CLS], as the speech encoders).
 """
 
 from __future__ import annotations
@@ -188,12 +189,17 @@ def _plot_curves(points: list[tuple[dict, float]], xlabel: str, path: Path) -> N
     plt.close(figure)
 
 
-def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
-    """t-SNE of the final [CLS] token on the test split of the run's first split (paper Fig. 2)."""
+def tsne_embeddings(run_dir: Path, max_classes: int = 10) -> tuple["np.ndarray", "np.ndarray", list[str], str]:
+    """(embeddings, labels, class names, what the embeddings are) of the test clips of the run's
+    first split whose label is below ``max_classes``.
+
+    The embedding is the final [CLS] token where the backbone has one (the paper's Fig. 2),
+    otherwise the backbone's ``pool`` with the run's pooling (the speech encoders: the mean of
+    the clip's frames, padding left out).
+    """
     import numpy as np
     import torch
     import yaml
-    from sklearn.manifold import TSNE
 
     from ..data import get_dataset, index_features
     from ..frontend import frontend_from_settings
@@ -208,19 +214,30 @@ def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
     frontend = frontend_from_settings(model.metadata["frontend"], model.backbone)
     data = index_features(index, frontend, config["cache_dir"], progress=False)
     rows = data.rows([i for i in split.test if index.clips[i].label < max_classes])
+    pooling = "cls" if "cls" in model.backbone.poolings else model.pooling
+    embeddings = []
     with torch.no_grad():
-        cls = np.concatenate(
-            [model.backbone(torch.from_numpy(data.features[rows[s : s + 32]]))[:, 0].numpy()
-             for s in range(0, len(rows), 32)]
-        )
-    labels = data.labels[rows]
-    points = TSNE(n_components=2, perplexity=min(30, max(2, len(cls) - 1) / 3), random_state=0).fit_transform(cls)
+        for start in range(0, len(rows), 32):
+            features = torch.from_numpy(data.features[rows[start : start + 32]])
+            embeddings.append(model.backbone.pool(model.hidden(features), features, pooling).numpy())
+    what = "[CLS]" if pooling == "cls" else f"{pooling}-pooled output"
+    return np.concatenate(embeddings), data.labels[rows], index.class_names, what
+
+
+def plot_tsne(run_dir: Path, path: Path, max_classes: int = 10) -> Path:
+    """t-SNE of :func:`tsne_embeddings` (paper Fig. 2), written to ``path``."""
+    import numpy as np
+    from sklearn.manifold import TSNE
+
+    embeddings, labels, class_names, what = tsne_embeddings(run_dir, max_classes)
+    perplexity = min(30, max(2, len(embeddings) - 1) / 3)
+    points = TSNE(n_components=2, perplexity=perplexity, random_state=0).fit_transform(embeddings)
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5, 5))
     for label in np.unique(labels):
         mask = labels == label
-        axis.scatter(points[mask, 0], points[mask, 1], s=8, label=index.class_names[label])
-    axis.set(title=f"t-SNE of [CLS]: {run_dir.name}", xticks=[], yticks=[])
+        axis.scatter(points[mask, 0], points[mask, 1], s=8, label=class_names[label])
+    axis.set(title=f"t-SNE of {what}: {run_dir.name}", xticks=[], yticks=[])
     axis.legend(fontsize=6, markerscale=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -26,6 +26,12 @@ with a gradient on ``up`` (see each module); ``paper`` is what the published run
 transformers' ``from_pretrained`` re-initialised every module missing from the checkpoint,
 so each new ``nn.Linear`` (down and up) ran with trunc-normal(std 0.02) weights and zero
 biases, whatever the published source sets; Convpass's ``nn.Conv1d`` kept its own xavier init.
+
+Padding: every adapter module takes ``valid``, the (batch, tokens) mask of real tokens or
+None (see :class:`~audiopetl.backbone.ast.FrameMask`; the placements pass their block's).
+Convpass and Conformer zero the padded frames before convolving over time, and the
+Conformer's BatchNorm leaves them out of its statistics, so a clip's output is the same
+however much padding its batch adds; the Bottleneck works per token.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backbone.ast import AST
+from ..backbone.ast import AST, FrameMask
 from .config import AdapterConfig, reduced_size
 
 
@@ -70,8 +76,14 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x)))
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.up(self.act(self.down(x)))  # per token: padding cannot reach a real token
+
+
+def _zero_padding(h: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(batch, channels, tokens) with padded tokens zeroed: a convolution over time then reads
+    zeros past a clip's last frame, as past the sequence's end, however long the batch pads."""
+    return h if valid is None else h.masked_fill(~valid[:, None], 0.0)
 
 
 class Convpass(nn.Module):
@@ -100,10 +112,10 @@ class Convpass(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         h = self.act(self.down(x))  # (batch, tokens, rank)
         if self.use_conv:
-            h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+            h = self.conv(_zero_padding(h.transpose(1, 2), valid)).transpose(1, 2)
         return self.up(self.act(h))
 
     def extra_repr(self) -> str:
@@ -136,25 +148,42 @@ class Conformer(nn.Module):
         nn.init.zeros_(self.pointwise2.weight)
         nn.init.zeros_(self.pointwise2.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x).transpose(1, 2)  # (batch, dim, tokens)
-        h = self.act(self.batch_norm(self.depthwise(self.glu(self.pointwise1(h)))))
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.glu(self.pointwise1(self.norm(x).transpose(1, 2)))  # (batch, rank, tokens)
+        h = self.act(self._batch_norm(self.depthwise(_zero_padding(h, valid)), valid))
         return self.dropout(self.pointwise2(h)).transpose(1, 2)
+
+    def _batch_norm(self, h: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """BatchNorm over real frames only: in training, padding stays out of the batch statistics
+        (and so of the running ones); padded frames pass through unnormalised, unused."""
+        if valid is None:
+            return self.batch_norm(h)
+        frames = h.transpose(1, 2)  # (batch, tokens, rank)
+        return frames.masked_scatter(valid[..., None], self.batch_norm(frames[valid])).transpose(1, 2)
 
 
 ADAPTER_MODULES = {"bottleneck": Bottleneck, "convpass": Convpass, "conformer": Conformer}
 
 
-class SequentialAdapter(nn.Module):
-    """A transform ``z -> A(z) [+ z]`` (an input or output transform of a sub-layer)."""
+def _valid(frame_mask: FrameMask | None) -> torch.Tensor | None:
+    return None if frame_mask is None else frame_mask.value
 
-    def __init__(self, adapter: nn.Module, residual: bool) -> None:
+
+class SequentialAdapter(nn.Module):
+    """A transform ``z -> A(z) [+ z]`` (an input or output transform of a sub-layer).
+
+    ``frame_mask``: the block's (:class:`~audiopetl.backbone.ast.FrameMask`), whose value
+    the adapter gets as ``valid``; None: every token is real.
+    """
+
+    def __init__(self, adapter: nn.Module, residual: bool, frame_mask: FrameMask | None = None) -> None:
         super().__init__()
         self.adapter = adapter
         self.residual = residual
+        self.frame_mask = frame_mask
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.adapter(z)
+        out = self.adapter(z, _valid(self.frame_mask))
         return out + z if self.residual else out
 
 
@@ -166,17 +195,19 @@ class SublayerInput(nn.Module):
 
 
 class ParallelAdapter(nn.Module):
-    """A branch ``(n, f(n)) -> A(z) [+ z]`` with ``z = n`` (before) or ``z = f(n)`` (after)."""
+    """A branch ``(n, f(n)) -> A(z) [+ z]`` with ``z = n`` (before) or ``z = f(n)`` (after);
+    ``frame_mask`` as :class:`SequentialAdapter`'s."""
 
-    def __init__(self, adapter: nn.Module, residual: bool, position: str) -> None:
+    def __init__(self, adapter: nn.Module, residual: bool, position: str, frame_mask: FrameMask | None = None) -> None:
         super().__init__()
         self.adapter = adapter
         self.residual = residual
         self.position = position
+        self.frame_mask = frame_mask
 
     def forward(self, normed: torch.Tensor, sublayer_out: torch.Tensor) -> torch.Tensor:
         z = normed if self.position == "before" else sublayer_out
-        out = self.adapter(z)
+        out = self.adapter(z, _valid(self.frame_mask))
         return out + z if self.residual else out
 
     def extra_repr(self) -> str:
@@ -202,13 +233,13 @@ def inject_adapters(backbone: AST, config: AdapterConfig) -> list[nn.Module]:
             adapter = make_adapter(config, dim, rank)
             residual = config.uses_residual(insertion)
             if insertion == "parallel":
-                placed: nn.Module = ParallelAdapter(adapter, residual, position)
+                placed: nn.Module = ParallelAdapter(adapter, residual, position, block.frame_mask)
                 taps.branches.append(placed)
             elif position == "after":
-                placed = SequentialAdapter(adapter, residual)
+                placed = SequentialAdapter(adapter, residual, block.frame_mask)
                 taps.output_transforms.append(placed)
             else:  # before: n -> A(n) feeds f; the residual adds A(n) to f's output
-                placed = SequentialAdapter(adapter, residual=False)
+                placed = SequentialAdapter(adapter, residual=False, frame_mask=block.frame_mask)
                 taps.input_transforms.append(placed)
                 if residual:
                     taps.branches.append(SublayerInput())

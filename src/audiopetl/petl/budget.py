@@ -2,8 +2,10 @@
 
 Counts come from building the real model on the ``meta`` device (shapes, no memory), so
 they can never drift from what training uses. The paper counts exclude the head and the
-final LayerNorm except for linear probing and full fine-tuning, and BitFit's final
-LayerNorm bias (:meth:`PETLModel.paper_parameter_count`).
+final LayerNorm except for linear probing and full fine-tuning, and except the final
+LayerNorm tensors a method trains itself: BitFit's bias, and in post-LN models (whose final
+LayerNorm is the last FFN sub-layer's) that of adapters and mixtures on the FFN
+(:meth:`PETLModel.paper_parameter_count`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ every backbone offering those taps).
   dispatch-weighted average of the tokens; expert ``i`` processes its ``p`` slots as a
   sequence; each token's output is the combine-weighted sum of all slot outputs. Experts
   see ``N * p`` slots instead of every token.
+
+On padded batches (the speech encoders that mask padding) a mixture gets its block's mask of
+real tokens (:class:`~audiopetl.backbone.ast.FrameMask`): Soft-MoA's slots average real tokens
+only, and Dense-MoA hands the mask to its experts (Convpass convolves over time), so a clip's
+output does not depend on the padding of its batch.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone.ast import AST
+from ..backbone.ast import AST, FrameMask
 from .adapters import ADAPTER_MODULES
 from .config import DenseMoAConfig, MixtureConfig, SoftMoAConfig, reduced_size
 
@@ -39,9 +44,10 @@ class DenseMixture(nn.Module):
         self.router = nn.Linear(dim, config.num_adapters)
         self.experts = _experts(config, dim, rank)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         weights = torch.softmax(self.router(x), dim=-1)  # (batch, tokens, experts)
-        outputs = torch.stack([expert(x) for expert in self.experts], dim=-1)  # (batch, tokens, hidden, experts)
+        # (batch, tokens, hidden, experts); each expert gets the mask: Convpass convolves over time
+        outputs = torch.stack([expert(x, valid) for expert in self.experts], dim=-1)
         return torch.einsum("bldn,bln->bld", outputs, weights)
 
 
@@ -63,20 +69,25 @@ class SoftMixture(nn.Module):
         nn.init.xavier_normal_(self.slots)
         self.scale = nn.Parameter(torch.ones(())) if config.normalize else None
 
-    def weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dispatch and combine weights, each (batch, tokens, experts, slots)."""
+    def weights(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch and combine weights, each (batch, tokens, experts, slots).
+
+        ``valid`` (batch, tokens): real tokens; padded ones get no dispatch weight. Their
+        combine weights (their own outputs, which nothing reads) are left as they are.
+        """
         phi = self.slots.to(x.dtype)
         if self.scale is not None:
             x = F.normalize(x, dim=-1, eps=1e-6)
             phi = F.normalize(phi, dim=0, eps=1e-6) * self.scale
         logits = torch.einsum("bmd,dnp->bmnp", x, phi)
-        dispatch = torch.softmax(logits, dim=1)
+        masked = logits if valid is None else logits.masked_fill(~valid[:, :, None, None], float("-inf"))
+        dispatch = torch.softmax(masked, dim=1)
         combine = torch.softmax(logits.flatten(2), dim=-1).view_as(logits)
         return dispatch, combine
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dispatch, combine = self.weights(x)
-        slots = torch.einsum("bmd,bmnp->bnpd", x, dispatch)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        dispatch, combine = self.weights(x, valid)
+        slots = torch.einsum("bmd,bmnp->bnpd", x, dispatch)  # the experts see slots: no padding
         outputs = torch.stack([expert(slots[:, i]) for i, expert in enumerate(self.experts)], dim=1)
         return torch.einsum("bnpd,bmnp->bmd", outputs, combine)
 
@@ -88,15 +99,19 @@ class _Carry:
 
 
 class MixtureBranch(nn.Module):
-    """A parallel branch ``(n, f(n)) -> M(n)``; optionally keeps ``M(n)`` for a repeat."""
+    """A parallel branch ``(n, f(n)) -> M(n)``; optionally keeps ``M(n)`` for a repeat.
 
-    def __init__(self, mixture: nn.Module, carry: _Carry | None = None) -> None:
+    ``frame_mask``: the block's, whose value the mixture gets as ``valid``; None: no padding.
+    """
+
+    def __init__(self, mixture: nn.Module, carry: _Carry | None = None, frame_mask: FrameMask | None = None) -> None:
         super().__init__()
         self.mixture = mixture
         self.carry = carry
+        self.frame_mask = frame_mask
 
     def forward(self, normed: torch.Tensor, sublayer_out: torch.Tensor) -> torch.Tensor:
-        out = self.mixture(normed)
+        out = self.mixture(normed, None if self.frame_mask is None else self.frame_mask.value)
         if self.carry is not None:
             self.carry.value = out
         return out
@@ -130,7 +145,7 @@ def inject_mixtures(backbone: AST, config: DenseMoAConfig | SoftMoAConfig) -> li
     for block in backbone.blocks:
         for sublayer in config.sublayers():
             carry = _Carry() if config.published_double_add else None
-            branch = MixtureBranch(MIXTURES[type(config)](dim, rank, config), carry)
+            branch = MixtureBranch(MIXTURES[type(config)](dim, rank, config), carry, block.frame_mask)
             getattr(block, sublayer).branches.append(branch)
             added.append(branch)
             if carry is not None:

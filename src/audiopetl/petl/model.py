@@ -121,15 +121,16 @@ class PETLModel(nn.Module):
     def paper_parameter_count(self) -> int:
         """Trained parameters as the paper counts them.
 
-        The head and final LayerNorm are left out, except for linear probing and full
-        fine-tuning where they are (part of) what the method trains, and the final
-        LayerNorm's bias, one of BitFit's biases.
+        The head and final LayerNorm, trained with every method, are left out, except for
+        linear probing and full fine-tuning where they are (part of) what the method trains,
+        and except where a method selects final-LayerNorm tensors itself: BitFit its bias
+        (one of BitFit's biases); in a post-LN model, where the final LayerNorm is the last
+        block's FFN LayerNorm, the adapters and mixtures that train their sub-layer's norm.
         """
         if any(isinstance(m, (FullFinetuneConfig, LinearProbeConfig)) for m in self.methods):
             return self.num_trainable()
-        shared = {id(p) for p in (*self.head.parameters(), *self.backbone.norm.parameters())}
-        if any(isinstance(m, BitFitConfig) for m in self.methods):
-            shared.discard(id(self.backbone.norm.bias))  # one of the biases BitFit trains
+        selected = {id(p) for m in self.methods if type(m) in SELECT for p in SELECT[type(m)](self.backbone, m)}
+        shared = {id(p) for p in (*self.head.parameters(), *self.backbone.norm.parameters())} - selected
         return sum(p.numel() for p in self.trainable_parameters() if id(p) not in shared)
 
     def cast_frozen(self, dtype: torch.dtype) -> None:

@@ -13,8 +13,11 @@ through ``Attention.prefix``.
 
 All are initialised uniform(-v, v), v = sqrt(6 / (fan_in + hidden)), VPT's xavier-style
 bound with ``fan_in = backbone.input_fan_in`` (AST: patch_size**2, one input channel;
-speech encoders: the feature encoder's width). ``init="paper"`` triples ``fan_in``: VPT's
-RGB bound sqrt(6 / (3 * patch_size**2 + hidden)), which the published AST code kept.
+speech encoders: the feature encoder's width, the fan-in of their feature projection).
+``init="paper"`` on the AST triples ``fan_in``: VPT's RGB bound
+sqrt(6 / (3 * patch_size**2 + hidden)), which the published AST code kept. The published
+code ran no speech encoder, and no RGB factor applies to one: there ``paper`` keeps the
+backbone's own fan-in (the same bound as ``default``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from .config import PrefixConfig, PromptConfig
 
 
 def _init_bound(backbone: AST, init: str) -> float:
-    fan_in = backbone.input_fan_in * (3 if init == "paper" else 1)
+    fan_in = backbone.input_fan_in
+    if init == "paper" and isinstance(backbone, AST):
+        fan_in *= 3  # VPT's three RGB input channels, kept by the published (AST-only) code
     return math.sqrt(6.0 / (fan_in + backbone.config.hidden_size))
 
 
