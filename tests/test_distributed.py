@@ -1,12 +1,13 @@
 """Data-parallel training on CPU with gloo: 2 ranks at global batch B train the same adapter as
-1 process at batch B (LoRA through `--nproc`, an adapter method through torchrun), and a killed
-2-rank run resumes exactly."""
+1 process at batch B (LoRA through `--nproc`, an adapter method through torchrun), a killed
+2-rank run resumes exactly (as rank 0 sees the files), and a write failing on rank 0 stops
+every rank. Every multi-process run is bounded in time (``multiprocess``): a rank waiting
+forever for another fails its test instead of hanging the suite."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from audiopetl.cli.main import main
+from multiprocess import run_bounded, run_ranks, spawn_bounded
 from audiopetl.experiments.synthetic import make_synthetic_dataset
 from audiopetl.train import ADAPTER, TrainConfig, distributed, run_training
 from audiopetl.train import loop as loop_module
@@ -67,11 +68,12 @@ def test_shares_of_a_global_batch_are_contiguous_and_cover_it():
     assert distributed.share(1, distributed.Ranks(1, 2)) == slice(1, 1)  # an empty share is allowed
 
 
-def test_two_processes_train_the_same_lora_as_one(dataset, one_process_lora, tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_two_processes_train_the_same_lora_as_one(dataset, one_process_lora, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({k: v for k, v in options(dataset, tmp_path / "cache", LORA, 9).items()}))
-    assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "ddp"), "--nproc", "2"]) == 0
+    result = run_bounded([sys.executable, "-m", "audiopetl", "train", "--config", str(config),
+                          "--run-dir", str(tmp_path / "ddp"), "--nproc", "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / "ddp", one_process_lora)
     assert len(list((tmp_path / "cache" / "features").glob("*.f32"))) == 1  # built once, by one rank
 
@@ -81,11 +83,9 @@ def test_torchrun_trains_the_same_adapter_as_one_process(dataset, tmp_path):
     run_training(TrainConfig(**values), tmp_path / "one")
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps(values))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(
+    result = run_bounded(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "audiopetl", "train", "--config", str(config), "--run-dir", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run directory:") == 1  # rank 0 alone reports
@@ -104,16 +104,37 @@ def _train_and_die_after_epoch_2(config: TrainConfig, run_dir: Path) -> None:
     run_training(config, run_dir)
 
 
-def test_a_killed_two_process_run_resumes_exactly(dataset, one_process_lora, tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def _resume_where_rank_1_sees_no_files(config: TrainConfig, run_dir: Path) -> None:
+    """Resume, on a rank 1 whose view of the run folder is stale (as a shared file system's
+    attribute cache can be): it sees no config.yaml and no checkpoint. Rank 0 decides."""
+    if os.environ["RANK"] != "0":
+        real_exists = Path.exists
+        Path.exists = lambda path, **kw: path.name not in ("config.yaml", "checkpoint.pt") and real_exists(path, **kw)
+    run_training(config, run_dir, resume=True)
+
+
+def _resume_where_rank_1_reads_an_older_checkpoint(config: TrainConfig, run_dir: Path) -> None:
+    """Resume, on a rank 1 that reads an older version of the checkpoint (a shared file
+    system's stale cache): the ranks would continue from different epochs."""
+    if os.environ["RANK"] != "0":
+        real_load = loop_module.load_checkpoint
+        loop_module.load_checkpoint = lambda path: {**(state := real_load(path)), "epoch": state["epoch"] - 1}
+    run_training(config, run_dir, resume=True)
+
+
+def test_a_killed_two_process_run_resumes_exactly(dataset, one_process_lora, tmp_path):
     config = TrainConfig(**options(dataset, tmp_path / "cache", LORA, 9))
-    with pytest.raises(Exception):
-        distributed.spawn(_train_and_die_after_epoch_2, 2, config, tmp_path / "run")
+    assert spawn_bounded(_train_and_die_after_epoch_2, 2, config, tmp_path / "run").returncode != 0
     assert not (tmp_path / "run" / "metrics.json").exists()
-    distributed.spawn(run_training, 2, config, tmp_path / "run", True)
+    # A rank resuming alone from epoch 1 while the other resumes from epoch 3 would stall both.
+    result = spawn_bounded(_resume_where_rank_1_sees_no_files, 2, config, tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
     (log,) = (tmp_path / "run").glob("*/log.jsonl")
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]
     assert_same_run(tmp_path / "run", one_process_lora)
+    # Ranks that read different versions of the checkpoint both stop, saying so.
+    result = spawn_bounded(_resume_where_rank_1_reads_an_older_checkpoint, 2, config, tmp_path / "run")
+    assert result.returncode != 0 and "ranks read different versions" in result.stderr, result.stderr[-3000:]
 
 
 def _train_on_differing_cpus(config: TrainConfig, run_dir: Path, out: Path) -> None:
@@ -129,9 +150,29 @@ def _train_on_differing_cpus(config: TrainConfig, run_dir: Path, out: Path) -> N
     run_training(config, run_dir)
 
 
-def test_ranks_on_differing_cpus_all_take_rank_0s_precision(dataset, tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_ranks_on_differing_cpus_all_take_rank_0s_precision(dataset, tmp_path):
     values = {**options(dataset, tmp_path / "cache", LORA, 8), "precision": "auto", "epochs": 1}
-    distributed.spawn(_train_on_differing_cpus, 2, TrainConfig(**values), tmp_path / "run", tmp_path)
+    result = spawn_bounded(_train_on_differing_cpus, 2, TrainConfig(**values), tmp_path / "run", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == str(torch.bfloat16)
     assert "precision: bf16" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_write_failing_on_rank_0_stops_every_rank_naming_the_file(dataset, tmp_path):
+    # A folder where rank 0 must write the checkpoint file: its write fails (as on a full disk or
+    # a read-only folder) while rank 1, which writes nothing, could go on to the next epoch.
+    values = {**options(dataset, tmp_path / "cache", LORA, 8), "epochs": 2}
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(values))
+    target = tmp_path / "run" / "auto" / "checkpoint.pt"
+    target.mkdir(parents=True)
+    argv = [sys.executable, "-m", "audiopetl", "train", "--config", str(config), "--run-dir", str(tmp_path / "run")]
+    rank0, rank1 = run_ranks(argv, 2, distributed._free_port())
+    for rank, result in enumerate((rank0, rank1)):
+        assert result.returncode == 2, (rank, result.stderr[-3000:])
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("audiopetl train: error:") and str(target) in last, (rank, last)
+        assert "Traceback" not in result.stderr
+    assert "cannot write" in rank0.stderr and "Is a directory" in rank0.stderr  # the operating system's reason
+    assert "rank 1 stopped: rank 0 failed to write in" in rank1.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from audio_fixtures import speech_like, write_audio
+from multiprocess import run_bounded
 from audiopetl.atomic import atomic_path, find_temporaries, remove_stale_temporaries
 from audiopetl.cli.main import main
 from audiopetl.data import FeatureCache, FolderDataset
@@ -230,9 +231,7 @@ def test_a_diverging_two_rank_run_stops_on_every_rank(dataset, tmp_path):
     argv = train_argv(dataset, tmp_path, tmp_path / "run", "--lr", "1e30", "--nproc", "2")
     del argv[argv.index("--reduction-rate") : argv.index("--reduction-rate") + 2]
     argv[argv.index("lora")] = "full"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "audiopetl", *argv], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = run_bounded([sys.executable, "-m", "audiopetl", *argv])
     assert result.returncode == 2 and "training stopped" in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("audiopetl train: error:") and "training stopped" in last
@@ -402,6 +401,31 @@ def test_everything_checkable_fails_before_audio_is_decoded(options, message, da
     monkeypatch.setattr(cache_module, "load_audio", lambda *a, **k: pytest.fail("decoded audio before the check"))
     with pytest.raises((ValueError, OSError), match=message):
         run_training(config(dataset, tmp_path, **options), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # a refused run leaves no run folder behind
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--data-root", "{tmp}/no-such-folder"], "{tmp}/no-such-folder"),
+        (["--dataset", "esc50", "--data-root", "{tmp}/empty"], "{tmp}/empty"),  # not ESC-50's layout
+        (["--folds", "7"], "folds [7]"),
+        (["--backbone", "{tmp}/no-such-backbone"], "no-such-backbone"),
+    ],
+)
+def test_train_options_refused_after_start_up_write_nothing(flags, named, dataset, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = train_argv(dataset, tmp_path, tmp_path / "run")
+    for flag, value in zip(flags[::2], flags[1::2]):
+        value = value.format(tmp=tmp_path)
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("audiopetl train: error:") and named.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "run").exists()  # no config.yaml, nothing
 
 
 # ------------------------------------------------------------------ 12: log, umask

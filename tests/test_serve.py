@@ -25,6 +25,7 @@ from audiopetl.frontend import load_audio
 from audiopetl.petl import AdapterFileError, LoRAConfig, load_adapter
 from audiopetl.serve import Engine, load_tasks
 from audiopetl.serve.batching import Batcher
+from audiopetl.train.precision import FAST_BF16_ENV
 
 UPLOAD_LIMIT_MB = 1.0
 
@@ -245,6 +246,44 @@ def test_each_task_runs_in_the_precision_its_file_records(tmp_path):
     with torch.no_grad():
         fp32 = [tasks[name].model(features).softmax(-1)[0] - got[name] for name in tasks if name != "lora"]
     assert max(float(d.abs().max()) for d in fp32) > 1e-4
+
+
+def served_scores(url: str, task: str, clips: list) -> list[dict[str, float]]:
+    scores = []
+    for clip in clips:
+        answer = httpx.post(f"{url}/v1/tasks/{task}/classify", params={"top_k": len(CLASSES)},
+                            content=clip.read_bytes())
+        assert answer.status_code == 200, answer.text
+        scores.append({e["label"]: e["score"] for e in answer.json()["top_k"]})
+    return scores
+
+
+def predicted_scores(adapter, clips: list) -> list[dict[str, float]]:
+    return [{e["label"]: e["score"] for e in record["top_k"]}
+            for record in predict_files(adapter, clips, top_k=len(CLASSES), device="cpu")]
+
+
+def test_serve_runs_the_recorded_precision_unless_told_otherwise(tmp_path, monkeypatch):
+    # On a machine that multiplies bf16 fast (forced here), where `train` records bf16.
+    monkeypatch.setenv(FAST_BF16_ENV, "1")
+    fp32 = make_adapter(tmp_path / "fp32.safetensors", METHODS["adapter"], seed=2)
+    bf16 = load_adapter(fp32).save_adapter(tmp_path / "bf16.safetensors", {"precision": "bf16"})  # same weights
+    clips = [c for c in make_clips(tmp_path / "clips") if c.suffix == ".wav"]
+    expected = {"bf16": predicted_scores(bf16, clips), "fp32": predicted_scores(fp32, clips)}
+    # The two precisions answer measurably otherwise, so the comparisons below tell them apart.
+    assert max(abs(a[c] - b[c]) for a, b in zip(expected["bf16"], expected["fp32"]) for c in CLASSES) > 1e-4
+    for flags, precision, tolerance in (((), "bf16", 2e-6), (("--precision", "fp32"), "fp32", 1e-5)):
+        process, url = start_server([f"task={bf16}"], tmp_path / f"{precision}.log", *flags)
+        try:
+            got = served_scores(url, "task", clips)
+        finally:
+            stop_server(process)
+        for served, predicted in zip(got, expected[precision]):
+            assert [served[c] for c in CLASSES] == pytest.approx([predicted[c] for c in CLASSES], abs=tolerance)
+    # auto resolves against this hardware as `train` does; an unknown name is refused.
+    assert load_tasks([str(fp32)], torch.device("cpu"), "auto")["fp32"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="recorded"):
+        load_tasks([str(fp32)], torch.device("cpu"), "fp16")
 
 
 def test_adapters_for_another_backbone_are_refused_naming_the_file(tmp_path, capsys):

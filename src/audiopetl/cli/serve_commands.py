@@ -9,6 +9,8 @@ from pathlib import Path
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..train.precision import PRECISIONS
+
     parser.add_argument(
         "adapters", nargs="+", metavar="ADAPTER",
         help="adapter files, each served as a task named by its file stem, or NAME=PATH; all must share one backbone",
@@ -24,6 +26,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora-batching", choices=("shared", "per-task"), default="shared",
         help="shared: LoRA tasks share one backbone pass with per-sample low-rank updates; per-task: one pass per task",
+    )
+    parser.add_argument(
+        "--precision", choices=("recorded", *PRECISIONS), default="recorded",
+        help="compute precision: 'recorded' runs each adapter in the precision its file records (as predict and "
+        "eval do); 'auto' in what this hardware runs fast (bf16 on CUDA and on CPUs with bf16 instructions, else "
+        "fp32); fp32 or bf16 for every adapter",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -54,7 +62,7 @@ def run_serve(args: argparse.Namespace) -> None:
             f"cannot listen on {args.host}:{args.port} ({error.strerror}); choose another --port"
         ) from None
     try:
-        tasks = load_tasks(args.adapters, resolve_device(args.device))
+        tasks = load_tasks(args.adapters, resolve_device(args.device), args.precision)
         app = create_app(tasks, limits, args.lora_batching)
     except BaseException:
         sock.close()

@@ -236,7 +236,9 @@ def _identity(path: Path) -> tuple[str, int, int, int]:
 
 def _waiting(key: str):
     def report(owner: dict) -> None:
-        print(f"feature cache entry {key[:16]} is being built by {owner.get('host')}:{owner.get('pid')}; waiting")
+        # A lock seen between its creation and its first write names no owner yet.
+        who = f"{owner['host']}:{owner.get('pid')}" if owner.get("host") else "another process"
+        print(f"feature cache entry {key[:16]} is being built by {who}; waiting")
 
     return report
 

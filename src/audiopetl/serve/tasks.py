@@ -16,6 +16,10 @@ Two ways to run a batch that mixes tasks (``lora_batching``):
   holds one task's update only. Other methods (adapters, prompts, BitFit...) change the
   network in ways that differ per task, so their requests run one pass per task.
 * ``per-task``: one pass per task for every method (the baseline the benchmark compares).
+
+Each task computes in the precision its file records, as ``predict`` and ``eval`` do, unless
+the server is told otherwise (``precision``: ``auto`` is what this hardware runs fast, as
+``train`` chooses; ``fp32``/``bf16`` force one).
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from ..experiments.inference import recorded_dtype, waveform_features
 from ..frontend import Frontend, frontend_from_settings
 from ..petl import AdapterFileError, LoRAConfig, PETLModel, load_adapter, load_recorded_backbone, read_adapter_metadata
 from ..petl.lora import LoRALinear
+from ..train.precision import DTYPES, PRECISIONS, resolve_precision_name
 
 LORA_BATCHING = ("shared", "per-task")
+SERVE_PRECISIONS = ("recorded", *PRECISIONS)  # recorded: each file's own, as predict runs it
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Task:
     path: Path
     model: PETLModel
     frontend: Frontend = field(repr=False)
+    precision: str | None = None  # fp32/bf16 overriding the file's record; None: as recorded
 
     @property
     def method(self) -> str:
@@ -57,8 +64,9 @@ class Task:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The autocast dtype its file records (as ``predict`` runs it): bf16-trained adapters run in bf16."""
-        return recorded_dtype(self.model)
+        """The autocast dtype its file records (as ``predict`` runs it: bf16-trained adapters run in bf16),
+        unless the server overrides it."""
+        return DTYPES[self.precision] if self.precision else recorded_dtype(self.model)
 
     def features(self, wave: torch.Tensor) -> torch.Tensor:
         """(1, *feature_shape) model input of one waveform at ``frontend.sample_rate``, as ``predict`` builds it."""
@@ -96,8 +104,13 @@ def parse_task_specs(specs: list[str]) -> list[tuple[str, Path]]:
     return tasks
 
 
-def load_tasks(specs: list[str], device: torch.device) -> dict[str, Task]:
-    """Load the backbone once and every adapter on it; a file made for another backbone is refused."""
+def load_tasks(specs: list[str], device: torch.device, precision: str = "recorded") -> dict[str, Task]:
+    """Load the backbone once and every adapter on it; a file made for another backbone is refused.
+
+    ``precision`` (one of ``SERVE_PRECISIONS``): ``recorded`` runs each task as its file records."""
+    if precision not in SERVE_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {list(SERVE_PRECISIONS)}")
+    override = None if precision == "recorded" else resolve_precision_name(precision, device)
     named = parse_task_specs(specs)
     headers = {name: read_adapter_metadata(path) for name, path in named}
     first_name, first_path = named[0]
@@ -116,7 +129,7 @@ def load_tasks(specs: list[str], device: torch.device) -> dict[str, Task]:
         model = load_adapter(path, backbone=_sharing_copy(backbone, path)).to(device).eval()
         # As ``predict`` builds it: a filterbank, or the task's own backbone's (shared) feature encoder.
         frontend = frontend_from_settings(model.metadata["frontend"], model.backbone).to(device)
-        tasks[name] = Task(name, path, model, frontend)
+        tasks[name] = Task(name, path, model, frontend, override)
     return tasks
 
 

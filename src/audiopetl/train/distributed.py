@@ -18,10 +18,15 @@ machine) or by ``torchrun`` (one machine or several through its rendezvous; unde
   trainable parameters only (frozen weights have ``requires_grad=False``);
 - evaluates its contiguous share of a split; predictions and loss sums are gathered
   (:func:`gather`);
-- writes nothing unless it is rank 0 (logs, checkpoints, metrics, adapter files). The
+- writes nothing unless it is rank 0 (logs, checkpoints, metrics, adapter files), and
+  learns whether rank 0's write worked (:func:`on_main`): a write that fails on rank 0
+  (full disk, read-only folder) stops every rank at once with an error naming the file,
+  instead of leaving the others to wait for rank 0 in the next collective operation. The
   feature cache is built once: the first rank takes its build lock, the others wait.
 
-Resume: every rank reads rank 0's last checkpoint and continues where one process would.
+Resume: rank 0 decides whether there is a run and a checkpoint to resume from and tells
+the others (:func:`broadcast`; a shared file system's attribute cache may show ranks
+different things); every rank reads that checkpoint and continues where one process would.
 
 One difference from one process remains: BatchNorm layers (the Conformer adapter's)
 normalise with their rank's share of the batch, and DDP copies rank 0's running statistics
@@ -33,6 +38,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -122,6 +128,45 @@ def all_sum(*values: float) -> list[float]:
     total = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(total)
     return total.tolist()
+
+
+def broadcast(value):
+    """Rank 0's ``value`` on every rank (``value`` itself in one process)."""
+    if current().world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+T = TypeVar("T")
+
+
+class RankFailedError(RuntimeError):
+    """Rank 0 failed, so this rank stops too."""
+
+
+def on_main(function: Callable[[], T], what: str) -> T | None:
+    """``function()`` run by rank 0 alone (its result there, None elsewhere), its outcome every rank's.
+
+    When it raises, rank 0 raises its own error and every other rank, at the same moment, one
+    saying rank 0 failed to ``what``, with rank 0's message. Without this the other ranks would go
+    on and wait for rank 0 in the next collective operation, until the backend notices that rank 0
+    is gone (with an error that does not say why) or its timeout ends the wait.
+    """
+    ranks = current()
+    result, error = None, None
+    if ranks.is_main:
+        try:
+            result = function()
+        except Exception as caught:  # noqa: BLE001 - re-raised below, on every rank
+            error = caught
+    message = broadcast(None if error is None else " ".join(str(error).split()) or type(error).__name__)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RankFailedError(f"rank {ranks.rank} stopped: rank 0 failed to {what}: {message}")
+    return result
 
 
 def gather(value) -> list:

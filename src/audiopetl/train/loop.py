@@ -28,7 +28,7 @@ from ..atomic import atomic_path, remove_stale_temporaries
 from ..integrity import non_finite
 from ..petl.model import PETLModel
 from . import distributed
-from .checkpoint import copy_state, load_checkpoint, save_checkpoint, write_json
+from .checkpoint import CheckpointError, copy_state, load_checkpoint, save_checkpoint, write_json
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -159,10 +159,16 @@ def fit(
     start_epoch = 1
 
     checkpoint_path = run_dir / CHECKPOINT
-    if ranks.is_main:
-        remove_stale_temporaries(run_dir)  # leftovers of a run killed while writing
-    if resume and checkpoint_path.exists():
+    distributed.on_main(lambda: remove_stale_temporaries(run_dir), f"clean up {run_dir}")  # a killed run's leftovers
+    # Rank 0 decides for every rank whether to resume (a shared file system may show ranks different things).
+    if distributed.broadcast(resume and checkpoint_path.exists()):
         state = load_checkpoint(checkpoint_path)
+        epochs = distributed.gather(state["epoch"])
+        if len(set(epochs)) > 1:
+            raise CheckpointError(
+                f"the ranks read different versions of {str(checkpoint_path)!r} (epochs {epochs}): the file "
+                "system shows them different contents; resume when every machine sees the same file"
+            )
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
                 named[name].copy_(tensor)
@@ -171,10 +177,9 @@ def fit(
         generator.set_state(state["generator"])
         best = state["best"]
         start_epoch = state["epoch"] + 1
-    if ranks.is_main:
-        trim_log(run_dir / LOG, last_epoch=start_epoch - 1)
+    distributed.on_main(lambda: trim_log(run_dir / LOG, last_epoch=start_epoch - 1), f"write {run_dir / LOG}")
 
-    writer = _tensorboard(run_dir) if settings.tensorboard and ranks.is_main else None
+    writer = distributed.on_main(lambda: _tensorboard(run_dir), "start TensorBoard") if settings.tensorboard else None
     for epoch in range(start_epoch, settings.epochs + 1):
         model.train()
         started = time.perf_counter()
@@ -227,26 +232,19 @@ def fit(
             "clips_per_s": seen / elapsed if elapsed > 0 else float("nan"),
             "seconds": elapsed,
         }
-        if not ranks.is_main:
-            continue
-        with open(run_dir / LOG, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for key, value in record.items():
-                if value is not None:  # no validation split: no valid_* scalars
-                    writer.add_scalar(key, value, epoch)
-        save_checkpoint(
-            checkpoint_path,
-            {
+        # Rank 0 writes the epoch's log line and checkpoint (and builds the checkpoint: no other rank needs it).
+        distributed.on_main(
+            lambda: _record_epoch(run_dir, record, writer, {
                 "epoch": epoch,
                 "trainable": copy_state(named),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(),
                 "best": best,
-            },
+            }),
+            f"write in {run_dir}",
         )
-        if settings.progress:
+        if settings.progress and ranks.is_main:
             valid_text = "" if valid_metrics["accuracy"] is None else f" valid acc {valid_metrics['accuracy']:.4f}"
             tqdm.write(
                 f"{run_dir.name} epoch {epoch}: loss {record['train_loss']:.4f}{valid_text} "
@@ -273,9 +271,19 @@ def fit(
         "num_valid": len(valid),
         "num_test": len(test),
     }
-    if ranks.is_main:
-        write_json(run_dir / "metrics.json", metrics)
+    distributed.on_main(lambda: write_json(run_dir / "metrics.json", metrics), f"write {run_dir / 'metrics.json'}")
     return metrics
+
+
+def _record_epoch(run_dir: Path, record: dict, writer, state: dict) -> None:
+    """Rank 0's files of an epoch: its log line (and TensorBoard scalars), then the checkpoint."""
+    with open(run_dir / LOG, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if value is not None:  # no validation split: no valid_* scalars
+                writer.add_scalar(key, value, record["epoch"])
+    save_checkpoint(run_dir / CHECKPOINT, state)
 
 
 class NonFiniteLossError(RuntimeError):

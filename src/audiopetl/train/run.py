@@ -8,7 +8,9 @@ The run directory holds ``config.yaml`` (the resolved configuration, precision i
 which ``resume`` reads back and refuses to change), one sub-directory
 per split with its log, checkpoint, metrics and best adapter file, ``bad_audio.txt``
 when files were skipped, and ``metrics.json`` with per-split and mean +- std test
-accuracy. A run whose ``metrics.json`` exists is finished.
+accuracy. A run whose ``metrics.json`` exists is finished. The directory is made only once
+every option has been checked (dataset layout, splits, backbone, method): a refused run
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -78,15 +80,16 @@ def run_training(config: TrainConfig, run_dir: str | Path, resume: bool = False)
 
 
 def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, device: torch.device) -> dict:
-    if resume and (run_dir / CONFIG).exists():  # else nothing was started: a sweep resumes every run
-        config = check_resume(config, run_dir)
+    # Rank 0 reads the recorded configuration for every rank (no config.yaml: nothing was
+    # started, as a sweep resuming every run finds): ranks on a shared file system may see it differently.
+    recorded = distributed.on_main(
+        lambda: check_resume(config, run_dir) if resume and (run_dir / CONFIG).exists() else config,
+        f"read {run_dir / CONFIG}",
+    )
+    config = distributed.broadcast(recorded)
     # Rank 0's choice for every rank: ranks on CPUs that differ must not compute (or resume) differently.
     precision = distributed.gather(resolve_precision_name(config.precision, device))[0]
     config = dataclasses.replace(config, precision=precision)
-    if ranks.is_main:
-        with atomic_path(run_dir / CONFIG) as temp:
-            temp.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
-        remove_stale_temporaries(run_dir)
 
     methods = resolve_methods(config.method)
     settings = LoopSettings(
@@ -125,14 +128,18 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
     backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
     check_model(backbone, methods, len(index.class_names), config)
     set_backbone_knobs(backbone, config)
-
     frontend = _with_channels(backbone.frontend(config.max_frames), config.channels)
+
+    # Only now, with every option checked, the run directory is made: a run refused above leaves nothing.
+    distributed.on_main(lambda: _write_config(config, run_dir), f"write {run_dir / CONFIG}")
     if not frontend.spectrogram:
         frontend.to(device)  # a convolutional feature encoder is worth the accelerator; filterbanks stay on the CPU
     data = index_features(index, frontend, config.cache_dir, config.skip_bad_audio, config.progress)
-    if data.bad and ranks.is_main:
-        report = write_bad_audio_report(run_dir / "bad_audio.txt", data.bad)
-        warn(f"skipped {len(data.bad)} unusable audio file(s); the list with reasons is in {report}")
+    if data.bad:
+        report = distributed.on_main(lambda: write_bad_audio_report(run_dir / "bad_audio.txt", data.bad),
+                                     f"write {run_dir / 'bad_audio.txt'}")
+        if ranks.is_main:
+            warn(f"skipped {len(data.bad)} unusable audio file(s); the list with reasons is in {report}")
     features, labels = data.features, data.labels
     linear_probe = config.embedding_cache and all(m.to_dict()["method"] == "linear" for m in methods)
     embeddings = None
@@ -194,8 +201,8 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
             augment=augment,
             resume=resume,
         )
-        if ranks.is_main:
-            model.save_adapter(split_dir / ADAPTER, dtype=config.adapter_dtype)
+        distributed.on_main(lambda: model.save_adapter(split_dir / ADAPTER, dtype=config.adapter_dtype),
+                            f"write {split_dir / ADAPTER}")
         metrics.update(split=split.name, **_parameter_counts(model))
         results.append(metrics)
 
@@ -211,9 +218,14 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
         "paper_parameters": results[0]["paper_parameters"],
         "num_bad_audio": len(data.bad),
     }
-    if ranks.is_main:
-        write_json(run_dir / METRICS, summary)
+    distributed.on_main(lambda: write_json(run_dir / METRICS, summary), f"write {run_dir / METRICS}")
     return summary
+
+
+def _write_config(config: TrainConfig, run_dir: Path) -> None:
+    with atomic_path(run_dir / CONFIG) as temp:
+        temp.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    remove_stale_temporaries(run_dir)
 
 
 # Options a resumed run may change: they do not change what it computes.
