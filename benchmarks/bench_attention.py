@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_train_step import parse_shapes  # noqa: E402
 from common import has_fast_cpu_bf16, machine, print_table, synchronize  # noqa: E402
 
 # (frames, batch): tokens = 12 * ((frames - 16) // 10 + 1) + 2 for 128 mel bins.
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", help="comma-separated: bf16,fp32 (default: bf16 on CUDA/fast-bf16 CPUs, and fp32)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", help="folder: append the table to attention.md")
+    parser.add_argument("--shapes", default=",".join(f"{f}x{b}" for f, b in SHAPES),
+                        help="FRAMESxBATCH list (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="one short sequence: a smoke run in seconds")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for dtype_name in dtypes.split(","):
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-        for frames, batch in ((48, 2),) if args.tiny else SHAPES:
+        for frames, batch in parse_shapes("48x2" if args.tiny else args.shapes):
             length = tokens(frames)
             generator = torch.Generator().manual_seed(0)
             q, k, v, grad = (torch.randn(batch, 12, length, 64, generator=generator).to(device, dtype) for _ in range(4))

@@ -94,16 +94,20 @@ def test_matmul_attention_computes_what_sdpa_does(name):
         assert (matmul(features).float() - sdpa(features).float()).abs().max() <= 0.02 * logits_s.abs().max()
 
 
-def test_attention_kernel_defaults_to_matmul_on_cpu_for_short_sequences_only():
+def test_attention_kernel_defaults_to_matmul_for_short_bf16_training_passes_on_cpu_only():
     from audiopetl.backbone.ast import MATMUL_ATTENTION_MAX_KEYS, attention_kernel
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert attention_kernel(None, cpu, MATMUL_ATTENTION_MAX_KEYS) == "matmul"
-    assert attention_kernel(None, cpu, MATMUL_ATTENTION_MAX_KEYS + 1) == "sdpa"
-    assert attention_kernel(None, cuda, 10) == "sdpa"
-    assert attention_kernel("matmul", cuda, 10_000) == "matmul"
-    attention = AST(TINY).blocks[0].attn
-    assert attention.kernel is None
+    def qk(keys, dtype=torch.bfloat16, device="cpu", grad=True):
+        q = torch.zeros(1, 1, 4, 8, dtype=dtype, device=device, requires_grad=grad)
+        return q, torch.zeros(1, 1, keys, 8, dtype=dtype, device=device)
+
+    assert attention_kernel(None, *qk(MATMUL_ATTENTION_MAX_KEYS)) == "matmul"
+    assert attention_kernel(None, *qk(MATMUL_ATTENTION_MAX_KEYS + 1)) == "sdpa"
+    assert attention_kernel(None, *qk(10, dtype=torch.float32)) == "sdpa"
+    assert attention_kernel(None, *qk(10, grad=False)) == "sdpa"  # inference
+    assert attention_kernel(None, *qk(10, device="meta")) == "sdpa"  # not a CPU
+    assert attention_kernel("matmul", *qk(10_000, grad=False)) == "matmul"
+    assert AST(TINY).blocks[0].attn.kernel is None
     with pytest.raises(ValueError, match="unknown attention kernel 'flash'.*sdpa"):
         AST(TINY).set_attention_kernel("flash")
 

@@ -132,7 +132,7 @@ class Attention(nn.Module):
         # Fast-path knobs (not parameters, not in the state dict): see the class docstring.
         # None: fused on CUDA only; True / False force it.
         self.fused_qkv: bool | None = None
-        # "sdpa" (fused kernel), "matmul" (two batched GEMMs around a softmax); None: see ``attention_kernel``.
+        # "sdpa" (fused kernel), "matmul" (two batched GEMMs around a softmax); None: ``attention_kernel`` decides.
         self.kernel: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,7 @@ class Attention(nn.Module):
             prefix_k, prefix_v = (_heads(t, self.num_heads) for t in self.prefix(batch))
             k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
             v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
-        if attention_kernel(self.kernel, x.device, k.shape[2]) == "matmul":
+        if attention_kernel(self.kernel, q, k) == "matmul":
             out = _matmul_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -235,18 +235,20 @@ def _fusable(projections: tuple[nn.Module, ...]) -> bool:
 
 
 ATTENTION_KERNELS = ("sdpa", "matmul")
-# The matmul kernel keeps the (batch, heads, tokens, keys) probabilities for the backward;
-# beyond this many keys per query that memory outgrows its speed gain, so "auto" takes SDPA.
-MATMUL_ATTENTION_MAX_KEYS = 640
+# Up to this many keys per query the matmul kernel's bf16 training pass beats PyTorch's CPU
+# flash-attention kernel (benchmarks/bench_attention.py: 1.97x at 110 keys, 1.31x at 206,
+# 1.01x at 230, slower beyond; never faster in fp32 or without autograd).
+MATMUL_ATTENTION_MAX_KEYS = 224
 
 
-def attention_kernel(choice: str | None, device: torch.device, keys: int) -> str:
-    """The attention kernel a layer runs: ``choice`` if given, else SDPA on accelerators and,
-    on the CPU, the matmul kernel for sequences of at most ``MATMUL_ATTENTION_MAX_KEYS`` keys
-    (PyTorch's CPU flash-attention kernel is the slower of the two there; see benchmarks/README.md)."""
+def attention_kernel(choice: str | None, q: torch.Tensor, k: torch.Tensor) -> str:
+    """The attention kernel a layer runs: ``choice`` if given; else "matmul" for a bf16 training
+    pass on the CPU over at most ``MATMUL_ATTENTION_MAX_KEYS`` keys, and SDPA otherwise."""
     if choice is not None:
         return choice
-    return "matmul" if device.type == "cpu" and keys <= MATMUL_ATTENTION_MAX_KEYS else "sdpa"
+    training = q.requires_grad or k.requires_grad
+    short = k.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS
+    return "matmul" if q.device.type == "cpu" and q.dtype == torch.bfloat16 and training and short else "sdpa"
 
 
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -143,7 +143,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (default): bf16 on CUDA and on CPUs with fast bf16, else fp32")
     system.add_argument("--attention-kernel", choices=list(ATTENTION_KERNELS), default=_UNSET,
                         help="AST attention: sdpa (fused kernel) or matmul (two GEMMs; keeps the attention "
-                        "probabilities). Default: sdpa on CUDA; matmul on a CPU for up to 640 keys, faster there")
+                        "probabilities). Default: sdpa, except matmul for bf16 training on a CPU over at most "
+                        "224 tokens, where it is faster")
     for flag, help_text in (
         ("grad-checkpointing", "activation checkpointing for long clips (default: off)"),
         ("compile", "torch.compile the model (default: on for CUDA, off on CPU)"),
