@@ -9,7 +9,7 @@ loads the same random ViT-B checkpoint (transformers format) and trains on the s
   audiopetl-eager    the same without torch.compile
   audiopetl-compile  the same with torch.compile (to measure compile on CPU)
   audiopetl-cudagraphs  compiled with mode "reduce-overhead" (CUDA graphs of the fixed-shape blocks)
-  audiopetl-unfused  separate q/k/v projections, no compile (the CPU default; the forward path before)
+  audiopetl-unfused  separate q/k/v projections, no compile (the CPU default)
   audiopetl-fused    fused q/k/v forced on, no compile (the CUDA default, measured on CPU)
   audiopetl-sdpa     attention by SDPA forced, no compile (the CUDA default, measured on CPU)
   audiopetl-matmul   attention by two GEMMs around a softmax forced, no compile

@@ -27,6 +27,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   INFER=(--tiny --no-compile)
   PROFILE=(--tiny --methods lora)
   ATTENTION=(--tiny --repeats 1)
+  ACCURACY=(--tiny --epochs 2)
   E2E=(--tiny)
 else
   DEVICE=cuda
@@ -35,6 +36,7 @@ else
   INFER=(--frames 500 --batch 64)
   PROFILE=(--frames 500 --batch 32 --layers 2)
   ATTENTION=()
+  ACCURACY=()
   E2E=(--clips "${GPU_CHECK_CLIPS:-1000}" --seconds 5 --epochs 3 --batch 32 --workers 8)
 fi
 START=$SECONDS
@@ -83,6 +85,8 @@ else
   echo "== end_to_end: skipped, soundfile/soxr are not installed (set WHEELS=DIR with their wheels)" \
     | tee -a "$OUT/summary.txt"
 fi
+
+step accuracy 90 "$PY" benchmarks/bench_accuracy.py --device "$DEVICE" "${ACCURACY[@]}" --out "$OUT"
 
 echo "== done in $((SECONDS - START))s; tables in $OUT/*.md" | tee -a "$OUT/summary.txt"
 exit $FAILED
