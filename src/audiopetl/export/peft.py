@@ -35,8 +35,8 @@ with the ``preprocessor_config.json`` written to ``OUT`` (and ``base/``)::
 only models with ``input.attention_mask`` (``feat_extract_norm == "layer"``: the large
 "stable layer norm" checkpoints) take the mask: the group-normed ones see the zero padding as
 input, as they were trained. Pooling is the mean over frames: over every frame without a
-mask, over the clip's frames with one (``pooling_code``: the masked mean transformers'
-``Wav2Vec2ForSequenceClassification`` computes, frames from ``_get_feature_vector_attention_mask``).
+mask, over the clip's frames with one (``pooling_code``, with ``frames = `` head.json's
+``frame_mask_code``: the masked mean transformers' ``Wav2Vec2ForSequenceClassification`` computes).
 
 transformers' ``WavLMAttention`` hands the ``q_proj``/``k_proj``/``v_proj``/``out_proj``
 weights to ``F.multi_head_attention_forward`` instead of calling those modules, so an
@@ -72,10 +72,10 @@ POOLING_CODE = {
     "cls": "hidden[:, 0]",
     "cls_dist": "(hidden[:, 0] + hidden[:, 1]) / 2",
 }
-MASKED_MEAN_CODE = (
-    "frames = model._get_feature_vector_attention_mask(hidden.shape[1], attention_mask); "
-    "(hidden * frames[..., None]).sum(1) / frames.sum(1, keepdim=True)"
-)
+# The speech models with an attention mask: mean over the clip's frames, as transformers'
+# Wav2Vec2ForSequenceClassification pools (``frames``: ``FRAME_MASK_CODE``, True for the clip's frames).
+MASKED_MEAN_CODE = "(hidden * frames[..., None]).sum(1) / frames.sum(1, keepdim=True)"
+FRAME_MASK_CODE = "model._get_feature_vector_attention_mask(hidden.shape[1], attention_mask)"
 # transformers' (config, model) class names of each speech family.
 SPEECH_CLASSES = {
     "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model"),
@@ -219,7 +219,7 @@ def export_peft(adapter: str | Path, out: str | Path, include_base: bool = True)
     rank = next(iter(layers.values())).lora_down.shape[0]
     head = {
         "pooling": model.pooling,
-        "pooling_code": MASKED_MEAN_CODE if speech and config.uses_attention_mask else POOLING_CODE[model.pooling],
+        "pooling_code": POOLING_CODE[model.pooling],
         "class_names": model.class_names,
         "frontend": model.metadata.get("frontend"),
         "backbone": record["source"],
@@ -235,6 +235,8 @@ def export_peft(adapter: str | Path, out: str | Path, include_base: bool = True)
             "normalize": frontend.config.normalize,
             "attention_mask": frontend.config.attention_mask,
         }
+        if frontend.config.attention_mask:
+            head.update(pooling_code=MASKED_MEAN_CODE, frame_mask_code=FRAME_MASK_CODE)
         # transformers' WavLMAttention reads these projections' weights (see the module docstring).
         head["merge_adapter"] = config.model_type == "wavlm" and any(t in ATTENTION_TARGETS for t in lora.targets)
         extractor = Wav2Vec2FeatureExtractor(
