@@ -201,6 +201,20 @@ def test_peft_export_of_a_speech_lora_gives_our_logits(tmp_path, preset):
     assert (plain - ours).abs().max() > 1e-2
 
 
+def test_wavlm_lora_on_the_feed_forward_only_needs_no_merge(tmp_path):
+    lora = LoRAConfig(targets=("ffn_in", "ffn_out"), reduction_rate=16)
+    adapter = make_adapter(tmp_path / "lora.safetensors", lora, seed=7, backbone="tiny-random-wavlm")
+    out = tmp_path / "peft"
+    assert main(["export", "peft", str(adapter), str(out)]) == 0
+    assert json.loads((out / "head.json").read_text())["merge_adapter"] is False
+    base = transformers.WavLMModel.from_pretrained(out / "base").eval()
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    clips = speech_clips([0.7, 1.0])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_speech_logits(model, out, clips), predict_logits(adapter, clips),
+                                   atol=1e-4, rtol=0)
+
+
 RECIPE = """
 import json, sys
 from pathlib import Path

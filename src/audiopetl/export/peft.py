@@ -9,7 +9,8 @@ layout, the last layer's ``final_layer_norm`` in the post-LN one), plus our head
 base models have no place for: ``head.safetensors`` (``weight``, ``bias``) and ``head.json``
 (pooling, class names, frontend settings). ``base/`` (unless left out) is the backbone exactly
 as audiopetl built it (AST: position table adapted to the clip length), as a transformers
-checkpoint (dropout, LayerDrop and SpecAugment masking off: an inference model).
+checkpoint for inference (dropout off; the speech encoders also without LayerDrop and
+SpecAugment masking).
 
 AST takes the filterbank features ``predict`` computes::
 
