@@ -215,6 +215,31 @@ def test_wavlm_lora_on_the_feed_forward_only_needs_no_merge(tmp_path):
                                    atol=1e-4, rtol=0)
 
 
+def test_speech_peft_export_of_a_transformers_checkpoint_without_normalisation(tmp_path):
+    """A HuBERT checkpoint of another shape (no projection LayerNorm, do_normalize false) round-trips."""
+    config = transformers.HubertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16, 16),
+        conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        feat_proj_layer_norm=False,
+    )
+    torch.manual_seed(0)
+    transformers.HubertModel(config).save_pretrained(tmp_path / "hubert")
+    (tmp_path / "hubert" / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
+    adapter = make_adapter(tmp_path / "lora.safetensors", SPEECH_LORA, seed=8, backbone=str(tmp_path / "hubert"))
+    out = tmp_path / "peft"
+    assert main(["export", "peft", str(adapter), str(out)]) == 0
+    info = json.loads((out / "head.json").read_text())
+    assert info["input"]["normalize"] is False and info["backbone"] == str(tmp_path / "hubert")
+    exported = json.loads((out / "base" / "config.json").read_text())
+    assert exported["feat_proj_layer_norm"] is False and exported["conv_dim"] == [16, 16, 16]
+    assert load_backbone(out / "base").frontend(FRAMES).config.normalize is False
+    model = peft.PeftModel.from_pretrained(transformers.HubertModel.from_pretrained(out / "base"), out).eval()
+    clips = speech_clips([0.6, 1.0])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_speech_logits(model, out, clips), predict_logits(adapter, clips),
+                                   atol=1e-4, rtol=0)
+
+
 RECIPE = """
 import json, sys
 from pathlib import Path
