@@ -20,7 +20,8 @@ AST takes the filterbank features ``predict`` computes::
     logits = F.linear(pool(hidden), head["weight"], head["bias"])   # pool: head.json's "pooling"
 
 The speech encoders take the raw waveform, prepared as ``predict`` prepares it (head.json's
-``input``): mono 16 kHz float audio in [-1, 1]; each clip cut to ``input.num_samples``
+``input``): 16 kHz float audio in [-1, 1], channels averaged (soxr HQ resampling where a file
+has another rate, as ``predict`` decodes); each clip cut to ``input.num_samples``
 samples (``max_frames`` 10-ms steps); with ``input.normalize``, scaled to zero mean and unit
 variance over its own samples (``(x - mean) / sqrt(var + 1e-7)``); then zero-padded to
 ``input.num_samples``, whatever the batch. transformers' feature extractor does exactly this
