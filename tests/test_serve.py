@@ -8,6 +8,7 @@ own outputs; a bounded load test runs without errors.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import statistics
 import time
@@ -89,6 +90,22 @@ def test_task_list_health_and_openapi(served):
     assert "multipart/form-data" in body and "audio/wav" in body
     assert "/v1/tasks" in schema["paths"] and "/healthz" in schema["paths"]
     assert httpx.get(f"{url}/v1/stats").json()["shared_lora_tasks"] == ["lora", "lora_wide"]
+
+
+def test_pages_reference_only_the_server_itself(served):
+    """What the pages load (scripts, styles, icons) comes from the server: no CDN, so they work offline."""
+    url = served[0]
+    for page in ("/", "/docs", "/docs/oauth2-redirect"):
+        html = httpx.get(url + page)
+        assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+        assert re.findall(r"(?:\w+:|[\"'(])//[^\s\"'<>)]*", html.text) == [], page  # no absolute URL
+    html = httpx.get(f"{url}/docs").text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+    assert len(assets) == 4, assets  # Swagger UI's script and style sheet, the favicon, the schema
+    for asset in assets:
+        answer = httpx.get(url + asset)
+        assert answer.status_code == 200 and int(answer.headers["content-length"]) > 100, asset
+    assert httpx.get(f"{url}/redoc").status_code == 404  # ReDoc loads its logo from a CDN: not served
 
 
 def bad_inputs(folder):

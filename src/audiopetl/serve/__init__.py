@@ -1,6 +1,6 @@
 """Serving adapters over HTTP: many tasks on one backbone, dynamic batching, a page to try them.
 
-Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart). ``audiopetl serve`` runs it.
+Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart, fastapi-offline). ``audiopetl serve`` runs it.
 """
 
 from .app import ServeLimits, create_app

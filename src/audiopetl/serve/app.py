@@ -1,4 +1,5 @@
-"""The HTTP API (FastAPI): classify audio with any served task, list tasks, health, the try-it page.
+"""The HTTP API (FastAPI): classify audio with any served task, list tasks, health, the try-it page,
+and the API docs at ``/docs``, which work offline.
 
 Every client mistake is answered with a 4xx and a JSON body ``{"error": CODE, "message": TEXT}``
 naming the problem; only real faults give a 500 (and are logged with their traceback).
@@ -19,6 +20,7 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -155,7 +157,11 @@ def create_app(tasks: dict[str, Task], limits: ServeLimits = ServeLimits(), lora
         yield
         await batcher.stop()
 
-    app = FastAPI(
+    # FastAPIOffline is FastAPI whose /docs loads Swagger UI and the favicon from copies it serves itself:
+    # FastAPI's own page fetches them from CDNs, so it is blank on machines without internet. No /redoc:
+    # ReDoc 2's sidebar always loads its logo from Redocly's CDN, and /docs shows the same schema.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="audiopetl",
         summary="Audio classification with PETL adapters sharing one backbone",
         version="1",
