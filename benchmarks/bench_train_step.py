@@ -8,8 +8,11 @@ loads the same random ViT-B checkpoint (transformers format) and trains on the s
                      fused q/k/v GEMM, fused AdamW and regional torch.compile on CUDA
   audiopetl-eager    the same without torch.compile
   audiopetl-compile  the same with torch.compile (to measure compile on CPU)
-  audiopetl-unfused  separate q/k/v projections, no compile (the CPU default; the forward path before)
+  audiopetl-cudagraphs  compiled with mode "reduce-overhead" (CUDA graphs of the fixed-shape blocks)
+  audiopetl-unfused  separate q/k/v projections, no compile (the CPU default)
   audiopetl-fused    fused q/k/v forced on, no compile (the CUDA default, measured on CPU)
+  audiopetl-sdpa     attention by SDPA forced, no compile (the CUDA default, measured on CPU)
+  audiopetl-matmul   attention by two GEMMs around a softmax forced, no compile
   hf-sdpa            transformers ``ASTModel`` (SDPA) + PEFT LoRA / forward hooks, autocast
   hf-sdpa-compile    the same, ``torch.compile`` of the whole model
   hf-eager           transformers eager attention + PEFT / hooks, autocast
@@ -64,8 +67,11 @@ SIDES = {
     "audiopetl": {"impl": "ours"},
     "audiopetl-eager": {"impl": "ours", "compile": False},
     "audiopetl-compile": {"impl": "ours", "compile": True},
+    "audiopetl-cudagraphs": {"impl": "ours", "compile": True, "mode": "reduce-overhead"},
     "audiopetl-unfused": {"impl": "ours", "compile": False, "fused": False},
     "audiopetl-fused": {"impl": "ours", "compile": False, "fused": True},
+    "audiopetl-sdpa": {"impl": "ours", "compile": False, "attention": "sdpa"},
+    "audiopetl-matmul": {"impl": "ours", "compile": False, "attention": "matmul"},
     "hf-sdpa": {"impl": "hf", "attention": "sdpa"},
     "hf-sdpa-compile": {"impl": "hf", "attention": "sdpa", "compile": True},
     "hf-eager": {"impl": "hf", "attention": "eager"},
@@ -109,7 +115,8 @@ def head(hidden: int) -> nn.Linear:
     return nn.Linear(hidden, NUM_CLASSES)
 
 
-def ours(method: str, frames: int, dtype: torch.dtype, tiny: bool, fused: bool | None = None):
+def ours(method: str, frames: int, dtype: torch.dtype, tiny: bool, fused: bool | None = None,
+         attention: str | None = None):
     from audiopetl.backbone import load_backbone
     from audiopetl.petl import build_model, resolve_methods
 
@@ -117,6 +124,7 @@ def ours(method: str, frames: int, dtype: torch.dtype, tiny: bool, fused: bool |
     # so the numerics check compares like with like; it costs the same as "adapt".
     backbone = load_backbone(checkpoint_dir(tiny), max_frames=frames, pos_embed="zeros")
     backbone.set_fused_qkv(fused)
+    backbone.set_attention_kernel(attention)
     model = build_model(backbone, resolve_methods(METHODS.get(method, method)), num_classes=NUM_CLASSES)
     with torch.no_grad():
         model.head.load_state_dict(head(hidden_size(tiny)).state_dict())
@@ -203,10 +211,11 @@ def build_side(
 ):
     """(model, forward, optimizer-fused flag, compute dtype) of one side, on ``device``."""
     spec = SIDES[side]
+    mode = spec.get("mode", mode)
     if spec.get("fp32"):
         dtype = torch.float32
     if spec["impl"] == "ours":
-        model = ours(method, frames, dtype, tiny, fused=spec.get("fused")).to(device)
+        model = ours(method, frames, dtype, tiny, fused=spec.get("fused"), attention=spec.get("attention")).to(device)
         if dtype != torch.float32:
             model.cast_frozen(dtype)
         compile_ = spec.get("compile", device.type == "cuda")  # the library's default (TrainConfig.compile)
@@ -402,7 +411,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for side, (frames, batch), method in order:
         if side == "hf-sdpa-compile" and method not in args.peer_compile_methods.split(","):
             continue
-        compiled = "compile" in side or (side == "audiopetl" and cuda)
+        compiled = SIDES[side].get("compile", side == "audiopetl" and cuda)
         warmup = args.warmup if args.warmup is not None else (3 if compiled else 1)
         jobs.append({"side": side, "method": method, "frames": frames, "batch": batch,
                      "steps": steps, "warmup": warmup, "compile_mode": args.compile_mode})

@@ -26,13 +26,17 @@ if [ "${SMOKE:-0}" = 1 ]; then
   TRAIN=(--tiny --in-process --sides audiopetl,audiopetl-fused,hf-sdpa,hf-eager-fp32 --methods lora,dpt25)
   INFER=(--tiny --no-compile)
   PROFILE=(--tiny --methods lora)
+  ATTENTION=(--tiny --repeats 1)
+  ACCURACY=(--tiny --epochs 2)
   E2E=(--tiny)
 else
   DEVICE=cuda
-  TRAIN=(--shapes 500x32,100x128 --sides audiopetl,hf-sdpa,hf-eager-fp32,audiopetl-eager,hf-sdpa-compile
+  TRAIN=(--shapes 500x32,100x128 --sides audiopetl,hf-sdpa,hf-eager-fp32,audiopetl-eager,hf-sdpa-compile,audiopetl-cudagraphs
          --peer-compile-methods lora --budget-s $((BUDGET * 40 / 100)))
   INFER=(--frames 500 --batch 64)
   PROFILE=(--frames 500 --batch 32 --layers 2)
+  ATTENTION=()
+  ACCURACY=()
   E2E=(--clips "${GPU_CHECK_CLIPS:-1000}" --seconds 5 --epochs 3 --batch 32 --workers 8)
 fi
 START=$SECONDS
@@ -66,6 +70,7 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run with what is left of the budge
 step train_step $((BUDGET * 62 / 100)) "$PY" benchmarks/bench_train_step.py --device "$DEVICE" "${TRAIN[@]}" --out "$OUT"
 step inference 50 "$PY" benchmarks/bench_inference.py --device "$DEVICE" "${INFER[@]}" --out "$OUT"
 step profile_step 40 "$PY" benchmarks/profile_step.py --device "$DEVICE" "${PROFILE[@]}" --out "$OUT"
+step attention 20 "$PY" benchmarks/bench_attention.py --device "$DEVICE" "${ATTENTION[@]}" --out "$OUT"
 
 if ! "$PY" -c 'import soundfile, soxr' 2>/dev/null && [ -n "${WHEELS:-}" ]; then
   "$PY" -m pip install --no-index --find-links "$WHEELS" soundfile soxr >/dev/null
@@ -80,6 +85,8 @@ else
   echo "== end_to_end: skipped, soundfile/soxr are not installed (set WHEELS=DIR with their wheels)" \
     | tee -a "$OUT/summary.txt"
 fi
+
+step accuracy 90 "$PY" benchmarks/bench_accuracy.py --device "$DEVICE" "${ACCURACY[@]}" --out "$OUT"
 
 echo "== done in $((SECONDS - START))s; tables in $OUT/*.md" | tee -a "$OUT/summary.txt"
 exit $FAILED

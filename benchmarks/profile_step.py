@@ -2,8 +2,9 @@
 
 For each method, one bf16-autocast training step (forward, cross-entropy, backward) of a
 ViT-B-wide AST (2 layers by default, so per-layer figures are quick to get) is run with
-separate q/k/v projections (the CPU default) and the fused q/k/v GEMM (the CUDA default),
-frozen weights stored in bf16 either way, and, for reference, transformers SDPA + PEFT/hooks:
+separate q/k/v projections and the fused q/k/v GEMM (the CUDA default), both with SDPA, the
+CPU's own default on a CPU (separate projections, matmul attention for short sequences),
+frozen weights stored in bf16 each time, and, for reference, transformers SDPA + PEFT/hooks:
 
 * ``copy_`` calls per layer and the elements they move: every dtype cast, ``contiguous``
   and layout copy ends in one ``aten::copy_``; counted with ``torch.profiler`` over the
@@ -49,6 +50,8 @@ def build(side: str, method: str, layers: int, frames: int, tiny: bool, device: 
     width = dict(hidden_size=128, num_heads=2, mlp_size=256) if tiny else {}
     backbone = AST(ASTConfig(num_layers=layers, max_frames=frames, **width))
     backbone.set_fused_qkv(side == "on")
+    # "off"/"on" isolate the fused GEMM with SDPA (the CUDA kernel); "default" is this device's default.
+    backbone.set_attention_kernel(None if side == "default" else "sdpa")
     model = build_model(backbone, resolve_methods(bench.METHODS[method]), num_classes=bench.NUM_CLASSES).to(device)
     model.cast_frozen(torch.bfloat16)
     return model
@@ -109,14 +112,16 @@ def main(argv: list[str] | None = None) -> list[list]:
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(args.batch, args.frames, 128, generator=generator).to(device)
     labels = torch.randint(0, 50, (args.batch,), generator=generator).to(device)
-    sides = ("off", "on") + (() if args.no_peer else ("peer",))
+    sides = ("off", "on") + (("default",) if device.type == "cpu" else ()) + (() if args.no_peer else ("peer",))
+    label = {"off": "audiopetl, separate q/k/v, SDPA", "on": "audiopetl, fused q/k/v, SDPA (CUDA default)",
+             "default": "audiopetl, CPU default (separate, matmul attention up to 224 keys)",
+             "peer": "transformers SDPA + PEFT"}
     rows = []
     for method in args.methods.split(","):
         for side in sides:
             model = build(side, method, args.layers, args.frames, args.tiny, device).train()
             calls, elements = copies(model, features, labels, device)
             saved = saved_bytes(model, features, labels, device)
-            label = {"off": "audiopetl, separate q/k/v", "on": "audiopetl, fused q/k/v", "peer": "transformers SDPA + PEFT"}
             rows.append([method, label[side], calls / args.layers, elements / args.layers / 1e6, saved / 2**20])
     print(f"machine: {machine(device)}")
     out = Path(args.out) if args.out else None

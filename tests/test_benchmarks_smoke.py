@@ -30,8 +30,11 @@ def test_gpu_check_runs_every_measurement_at_tiny_size_on_cpu(tmp_path):
     assert "error" not in train.lower() and "skipped" not in train
     assert "LoRA q,v merged" in (out / "inference.md").read_text()
     assert "separate q/k/v" in (out / "profile_step.md").read_text()
+    assert "| fp32 | 48 | 50 | 2 |" in (out / "attention.md").read_text()  # fp32 always; bf16 where it is fast
     summary = (out / "summary.txt").read_text()
-    assert "train_step: exit 0" in summary and "inference: exit 0" in summary and "profile_step: exit 0" in summary
+    assert "fast path (cpu defaults)" in (out / "accuracy.md").read_text()
+    for step in ("train_step", "inference", "profile_step", "attention", "accuracy"):
+        assert f"{step}: exit 0" in summary
 
 
 @pytest.mark.slow

@@ -62,19 +62,57 @@ def loss_and_grads(model, features, labels, dtype=torch.float32):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_step(model, other, tolerance: float = 1e-5, grad_rtol: float = 1e-4):
+    """Both models give the same fp32 logits and gradients on one batch."""
+    features, labels = batch()
+    logits, grads = loss_and_grads(model, features, labels)
+    logits_other, grads_other = loss_and_grads(other, features, labels)
+    torch.testing.assert_close(logits, logits_other, atol=tolerance, rtol=tolerance)
+    assert grads.keys() == grads_other.keys()
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads_other[key], atol=tolerance, rtol=grad_rtol, msg=key)
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_fused_qkv_computes_the_same_logits_and_gradients(name):
     fused = model_for(METHODS[name])
     fused.backbone.set_fused_qkv(True)
     separate = copy.deepcopy(fused)
     separate.backbone.set_fused_qkv(False)
-    features, labels = batch()
-    logits_f, grads_f = loss_and_grads(fused, features, labels)
-    logits_s, grads_s = loss_and_grads(separate, features, labels)
-    torch.testing.assert_close(logits_f, logits_s, atol=1e-5, rtol=1e-5)
-    assert grads_f.keys() == grads_s.keys()
-    for key in grads_f:
-        torch.testing.assert_close(grads_f[key], grads_s[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert_same_step(fused, separate)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_matmul_attention_computes_what_sdpa_does(name):
+    """Prefix tuning included: its keys and values join the sequence the kernel attends over."""
+    matmul = model_for(METHODS[name])
+    matmul.backbone.set_attention_kernel("matmul")
+    sdpa = copy.deepcopy(matmul)
+    sdpa.backbone.set_attention_kernel("sdpa")
+    assert_same_step(matmul, sdpa)
+    features, _ = batch()
+    with torch.no_grad():
+        scale = sdpa(features).abs().max()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 inputs, the softmax in fp32
+            assert (matmul(features).float() - sdpa(features).float()).abs().max() <= 0.02 * scale
+
+
+def test_attention_kernel_defaults_to_matmul_for_short_bf16_training_passes_on_cpu_only():
+    from audiopetl.backbone.ast import MATMUL_ATTENTION_MAX_KEYS, attention_kernel
+
+    def qk(keys, dtype=torch.bfloat16, device="cpu", grad=True):
+        q = torch.zeros(1, 1, 4, 8, dtype=dtype, device=device, requires_grad=grad)
+        return q, torch.zeros(1, 1, keys, 8, dtype=dtype, device=device)
+
+    assert attention_kernel(None, *qk(MATMUL_ATTENTION_MAX_KEYS)) == "matmul"
+    assert attention_kernel(None, *qk(MATMUL_ATTENTION_MAX_KEYS + 1)) == "sdpa"
+    assert attention_kernel(None, *qk(10, dtype=torch.float32)) == "sdpa"
+    assert attention_kernel(None, *qk(10, grad=False)) == "sdpa"  # inference
+    assert attention_kernel(None, *qk(10, device="meta")) == "sdpa"  # not a CPU
+    assert attention_kernel("matmul", *qk(10_000, grad=False)) == "matmul"
+    assert AST(TINY).blocks[0].attn.kernel is None
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'.*sdpa"):
+        AST(TINY).set_attention_kernel("flash")
 
 
 @pytest.mark.parametrize("name", ["lora_qv", "adapter_pf_par", "full"])
@@ -225,9 +263,29 @@ def test_regionally_compiled_blocks_match_eager_and_keep_names():
     reference = copy.deepcopy(model)
     model.backbone.compile_blocks()
     assert list(model.state_dict()) == list(reference.state_dict())
-    features, labels = batch()
-    logits_c, grads_c = loss_and_grads(model, features, labels)
-    logits_e, grads_e = loss_and_grads(reference, features, labels)
-    torch.testing.assert_close(logits_c, logits_e, atol=1e-4, rtol=1e-4)
-    for key in grads_e:
-        torch.testing.assert_close(grads_c[key], grads_e[key], atol=1e-4, rtol=1e-3, msg=key)
+    assert_same_step(model, reference, tolerance=1e-4, grad_rtol=1e-3)
+
+
+def test_the_cuda_fast_path_trains_the_demo_dataset_to_the_fp32_accuracy(tmp_path):
+    """Every knob on by default on CUDA (bf16 with frozen weights in bf16, fused q/k/v, compiled
+    blocks, fused AdamW), forced on here, against fp32 with every knob off: the same demo run
+    (tiny random AST, generated sounds) must reach the same test accuracy."""
+    from audiopetl.backbone.presets import TINY_RANDOM
+    from audiopetl.experiments.demo import DEMO_METHODS
+    from audiopetl.experiments.synthetic import make_synthetic_dataset
+    from audiopetl.train import TrainConfig, run_training
+
+    data = make_synthetic_dataset(tmp_path / "data", clips_per_class=12, seconds=1.0)
+    accuracy = {}
+    for name, knobs in {
+        "fp32": dict(precision="fp32", fused_qkv=False, compile=False, fused_adamw=False),
+        "fast": dict(precision="bf16", fused_qkv=True, compile=True, fused_adamw=True),
+    }.items():
+        config = TrainConfig(
+            dataset="folder", data_root=str(data), method=DEMO_METHODS["lora"], backbone=TINY_RANDOM, max_frames=100,
+            epochs=20, batch_size=16, cache_dir=str(tmp_path / "cache"), progress=False, **knobs,
+        )
+        summary = run_training(config, tmp_path / name)
+        accuracy[name] = summary["test_accuracy_mean"]
+    assert accuracy["fp32"] > 0.75
+    assert accuracy["fast"] >= accuracy["fp32"] - 0.05

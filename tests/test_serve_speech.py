@@ -3,7 +3,7 @@
 A real server on 127.0.0.1 answers as ``predict`` does for adapters on a speech backbone;
 the shared multi-LoRA pass pools with each backbone's padding mask; adapters for different
 backbones are refused naming the file; ``export onnx`` takes the waveform frontend's rows
-and ``export peft`` refuses speech backbones saying why.
+(``export peft`` of speech adapters: tests/test_export.py).
 """
 
 from __future__ import annotations
@@ -123,15 +123,6 @@ def test_onnx_export_of_a_speech_adapter_takes_the_frontend_rows(tmp_path, backb
         (logits,) = session.run(["logits"], {"features": features.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(logits), model(features), atol=1e-3, rtol=0)
-
-
-def test_peft_export_refuses_speech_backbones_naming_the_file(tmp_path, capsys):
-    adapter = make_adapter(tmp_path / "speech_lora.safetensors", METHODS["lora"], 0, backbone="tiny-random-wavlm")
-    assert main(["export", "peft", str(adapter), str(tmp_path / "out")]) == 2
-    message = capsys.readouterr().err
-    assert "speech_lora.safetensors" in message and "wavlm" in message and "ASTModel" in message
-    assert "export onnx" in message
-    assert not (tmp_path / "out").exists()
 
 
 def test_uploaded_speech_clip_is_refused_when_silent(tmp_path):

@@ -129,9 +129,11 @@ class Attention(nn.Module):
         # Extension point: a module called with the batch size, returning (keys, values),
         # each (batch, p, hidden), prepended to the projected keys and values.
         self.prefix: nn.Module | None = None
-        # Fast-path knob (not a parameter, not in the state dict): see the class docstring.
+        # Fast-path knobs (not parameters, not in the state dict): see the class docstring.
         # None: fused on CUDA only; True / False force it.
         self.fused_qkv: bool | None = None
+        # "sdpa" (fused kernel), "matmul" (two batched GEMMs around a softmax); None: ``attention_kernel`` decides.
+        self.kernel: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
@@ -147,7 +149,10 @@ class Attention(nn.Module):
             prefix_k, prefix_v = (_heads(t, self.num_heads) for t in self.prefix(batch))
             k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
             v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if attention_kernel(self.kernel, q, k) == "matmul":
+            out = _matmul_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).reshape(batch, length, dim))
 
     @staticmethod
@@ -227,6 +232,29 @@ def _fusable(projections: tuple[nn.Module, ...]) -> bool:
         and all(type(base) is nn.Linear for base in bases)
         and len({(base.in_features, base.bias is None, base.weight.dtype) for base in bases}) == 1
     )
+
+
+ATTENTION_KERNELS = ("sdpa", "matmul")
+# Up to this many keys per query the matmul kernel's bf16 training pass beats PyTorch's CPU
+# flash-attention kernel (benchmarks/bench_attention.py: 1.97x at 110 keys, 1.31x at 206,
+# 1.01x at 230, slower beyond; never faster in fp32 or without autograd).
+MATMUL_ATTENTION_MAX_KEYS = 224
+
+
+def attention_kernel(choice: str | None, q: torch.Tensor, k: torch.Tensor) -> str:
+    """The attention kernel a layer runs: ``choice`` if given; else "matmul" for a bf16 training
+    pass on the CPU over at most ``MATMUL_ATTENTION_MAX_KEYS`` keys, and SDPA otherwise."""
+    if choice is not None:
+        return choice
+    training = q.requires_grad or k.requires_grad
+    short = k.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS
+    return "matmul" if q.device.type == "cpu" and q.dtype == torch.bfloat16 and training and short else "sdpa"
+
+
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` as two batched GEMMs, the softmax in fp32 (as SDPA's math)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
 
 
 def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -415,6 +443,13 @@ class AST(nn.Module):
         Either way the function is the same (see :class:`Attention`)."""
         for block in self.blocks:
             block.attn.fused_qkv = enabled
+
+    def set_attention_kernel(self, kernel: str | None) -> None:
+        """Force every block's attention kernel ("sdpa" or "matmul"); None: :func:`attention_kernel`'s choice."""
+        if kernel is not None and kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {kernel!r}; valid: {list(ATTENTION_KERNELS)}")
+        for block in self.blocks:
+            block.attn.kernel = kernel
 
     # The backbone interface every family provides (see audiopetl.backbone.registry).
     poolings = POOLINGS

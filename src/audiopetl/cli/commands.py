@@ -77,6 +77,7 @@ _UNSET = argparse.SUPPRESS
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from ..backbone import POS_EMBED_MODES
+    from ..backbone.ast import ATTENTION_KERNELS
     from ..petl.files import STORAGE_DTYPES
     from ..frontend.audio import CHANNEL_POLICIES
     from ..train.config import SETUPS
@@ -140,9 +141,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     system.add_argument("--device", default=_UNSET, help="auto (default), cpu, cuda, cuda:N")
     system.add_argument("--precision", choices=PRECISIONS, default=_UNSET,
                         help="auto (default): bf16 on CUDA and on CPUs with fast bf16, else fp32")
+    system.add_argument("--attention-kernel", choices=list(ATTENTION_KERNELS), default=_UNSET,
+                        help="AST attention: sdpa (fused kernel) or matmul (two GEMMs; keeps the attention "
+                        "probabilities). Default: sdpa, except matmul for bf16 training on a CPU over at most "
+                        "224 tokens, where it is faster")
     for flag, help_text in (
         ("grad-checkpointing", "activation checkpointing for long clips (default: off)"),
         ("compile", "torch.compile the model (default: on for CUDA, off on CPU)"),
+        ("fused-qkv", "AST: one GEMM for q, k and v (default: on for CUDA, off on CPU)"),
+        ("fused-adamw", "one fused AdamW kernel (default: on for CUDA, off on CPU)"),
         ("embedding-cache", "linear probing: train the head on cached embeddings (default: on)"),
         ("tensorboard", "also log to TensorBoard (default: off)"),
         ("progress", "progress bars (default: on)"),

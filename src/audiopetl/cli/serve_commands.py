@@ -85,9 +85,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     peft = sub.add_parser(
         "peft", help="LoRA adapter as a PEFT adapter folder (+ the head and, by default, the base model)",
         description="Write OUT/ with adapter_config.json + adapter_model.safetensors (PEFT LoRA on transformers' "
-        "ASTModel), head.safetensors + head.json (pooling and classes), and base/ (the backbone as a transformers "
-        "checkpoint). Only LoRA adapters on AST can be expressed in PEFT; other methods and adapters on speech "
-        "backbones (wav2vec 2.0, HuBERT, WavLM) are refused (use `export onnx`).",
+        "ASTModel, Wav2Vec2Model, HubertModel or WavLMModel), head.safetensors + head.json (pooling, classes and, "
+        "for the speech encoders, how to prepare the waveform and pool the frames as `predict` does; "
+        "preprocessor_config.json holds the matching feature extractor), and base/ (the backbone as a transformers "
+        "checkpoint). Only LoRA can be expressed in PEFT; other methods and extra trained backbone tensors are "
+        "refused (use `export onnx`). WavLM with LoRA on q/k/v/o: merge the PEFT model before use "
+        "(head.json's merge_adapter; transformers' WavLM attention ignores unmerged LoRA there).",
     )
     peft.add_argument("adapter", type=Path, help="adapter file written by `train`")
     peft.add_argument("out", type=Path, help="output folder")

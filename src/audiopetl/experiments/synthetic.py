@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 SAMPLE_RATE = 16000
 
@@ -77,6 +76,8 @@ def make_synthetic_dataset(
 
     The layout is the one the ``folder`` dataset reads: one sub-folder per class.
     """
+    import soundfile as sf  # here, not at the top: synth_clip alone needs no audio I/O
+
     root = Path(root)
     rng = np.random.default_rng(seed)
     for label in classes or tuple(CLASSES):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backbone import POS_EMBED_MODES
+from ..backbone.ast import ATTENTION_KERNELS
 from ..dataclass_dict import from_dict
 from ..frontend.audio import CHANNEL_POLICIES
 from ..petl.files import STORAGE_DTYPES
@@ -56,6 +57,9 @@ class TrainConfig:
     precision: str = "auto"
     grad_checkpointing: bool = False
     compile: bool | None = None  # torch.compile the blocks (the whole model if the backbone cannot); None: on for CUDA, off on CPU
+    fused_qkv: bool | None = None  # one q/k/v GEMM (AST); None: on for CUDA, off on CPU (measured slower there)
+    fused_adamw: bool | None = None  # one fused AdamW kernel; None: on for CUDA, off on CPU
+    attention_kernel: str | None = None  # AST: "sdpa" or "matmul"; None: backbone.ast.attention_kernel's choice
     embedding_cache: bool = True  # linear probing: train the head on cached embeddings
     adapter_dtype: str = "fp32"  # storage of the shipped adapter file: fp32 (exact), fp16 or bf16 (half size)
     skip_bad_audio: bool = False
@@ -77,6 +81,8 @@ class TrainConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("pos_embed", self.pos_embed, POS_EMBED_MODES)
         _check_choice("adapter_dtype", self.adapter_dtype, STORAGE_DTYPES)
+        if self.attention_kernel is not None:
+            _check_choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         for name in ("epochs", "batch_size", "max_frames", "few_shot"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -135,6 +135,7 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
         dtype=DTYPES[config.precision],
         progress=config.progress,
         tensorboard=config.tensorboard,
+        fused_adamw=config.fused_adamw,
     )
 
     dataset = get_dataset(config.dataset)
@@ -156,6 +157,7 @@ def _run_training(config: TrainConfig, run_dir: Path, resume: bool, ranks, devic
     # Everything that can fail without audio fails here, before the (long) feature computation.
     backbone = load_backbone(config.backbone, max_frames=config.max_frames, pos_embed=config.pos_embed)
     check_model(backbone, methods, len(index.class_names), config)
+    set_backbone_knobs(backbone, config)
     frontend = _with_channels(backbone.frontend(config.max_frames), config.channels)
 
     # Only now, with every option checked, the run directory is made: a run refused above leaves nothing.
@@ -298,6 +300,17 @@ def check_model(backbone, methods, num_classes: int, config: TrainConfig) -> Non
             type(backbone)(backbone.config), methods, num_classes=num_classes, pooling=config.pooling,
             extra_trainable=config.extra_trainable,
         )
+
+
+def set_backbone_knobs(backbone, config: TrainConfig) -> None:
+    """The backbone's fast-path knobs the run sets (``None``: the backbone's own default)."""
+    for option, setter in (("fused_qkv", "set_fused_qkv"), ("attention_kernel", "set_attention_kernel")):
+        value = getattr(config, option)
+        if value is None:
+            continue
+        if not hasattr(backbone, setter):
+            raise ValueError(f"{option}: the {type(backbone).__name__} backbone does not offer it; leave it unset")
+        getattr(backbone, setter)(value)
 
 
 def warn_untrained_classes(split: str, class_names, labels: np.ndarray, train_rows, test_rows) -> None:
