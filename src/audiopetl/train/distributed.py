@@ -37,6 +37,7 @@ to the other ranks at each step, as usual in data-parallel training.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -94,6 +95,10 @@ def teardown(created: bool, wait: bool = True) -> None:
     if created:
         if wait:
             dist.barrier()  # rank 0 may still be writing the run's files
+        # DDP wrappers left in reference cycles hold the group's communication threads; freed
+        # only at interpreter exit, after the group, they sometimes abort the process
+        # ("terminate called without an active exception") though the run finished.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -127,9 +132,17 @@ def all_sum(*values: float) -> list[float]:
     """Sums over ranks of a few numbers (the numbers themselves in one process)."""
     if current().world_size == 1:
         return list(values)
-    total = torch.tensor(values, dtype=torch.float64)
+    total = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(total)
     return total.tolist()
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live: NCCL reduces GPU tensors only (this
+    rank's GPU, set by :func:`setup`); gloo reduces CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def broadcast(value):
