@@ -271,11 +271,12 @@ def test_the_cuda_fast_path_trains_the_demo_dataset_to_the_fp32_accuracy(tmp_pat
     blocks, fused AdamW), forced on here, against fp32 with every knob off: the same demo run
     (tiny random AST, generated sounds) must reach the same test accuracy."""
     from audiopetl.backbone.presets import TINY_RANDOM
+    from audiopetl.data import get_dataset
     from audiopetl.experiments.demo import DEMO_METHODS
     from audiopetl.experiments.synthetic import make_synthetic_dataset
     from audiopetl.train import TrainConfig, run_training
 
-    data = make_synthetic_dataset(tmp_path / "data", clips_per_class=12, seconds=1.0)
+    data = make_synthetic_dataset(tmp_path / "data", clips_per_class=24, seconds=1.0)
     accuracy = {}
     for name, knobs in {
         "fp32": dict(precision="fp32", fused_qkv=False, compile=False, fused_adamw=False),
@@ -287,5 +288,9 @@ def test_the_cuda_fast_path_trains_the_demo_dataset_to_the_fp32_accuracy(tmp_pat
         )
         summary = run_training(config, tmp_path / name)
         accuracy[name] = summary["test_accuracy_mean"]
+    # bf16 rounding (which differs between CPUs and thread counts) may flip one test clip either
+    # way; here both reached 11 of 12 with 1 and with 2 threads.
+    source = get_dataset("folder")
+    (split,) = source.splits(source.scan(data))
     assert accuracy["fp32"] > 0.75
-    assert accuracy["fast"] >= accuracy["fp32"] - 0.05
+    assert accuracy["fast"] >= accuracy["fp32"] - 1 / len(split.test) - 1e-9
