@@ -75,13 +75,17 @@ def _kill(child: subprocess.Popen) -> None:
     child.stdout.close()
 
 
-def test_clear_keeps_an_entry_a_live_process_builds_and_its_temporaries(tmp_path, clips, capsys):
-    cache_dir = tmp_path / "cache"
-    folder = cache_dir / "features"
+def two_entries(cache_dir: Path, clips) -> tuple[Path, str, str]:
+    """A cache with two built entries (all clips, the first two): its folder and their keys."""
     cache = FeatureCache(cache_dir)
     cache.features(clips, CONFIG, progress=False)
     cache.features(clips[:2], CONFIG, progress=False)
-    held, other = cache.key(clips, CONFIG), cache.key(clips[:2], CONFIG)
+    return cache_dir / "features", cache.key(clips, CONFIG), cache.key(clips[:2], CONFIG)
+
+
+def test_clear_keeps_an_entry_a_live_process_builds_and_its_temporaries(tmp_path, clips, capsys):
+    cache_dir = tmp_path / "cache"
+    folder, held, other = two_entries(cache_dir, clips)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     child = _start(HOLD, str(folder / f"{held}.lock"), expect="held")
@@ -152,11 +156,7 @@ def test_heartbeat_files_of_earlier_versions_locks_are_listed_and_swept_once_sta
 
 def test_clear_takes_over_another_hosts_lock_once_stale_and_keeps_a_fresh_one(tmp_path, clips, capsys):
     cache_dir = tmp_path / "cache"
-    folder = cache_dir / "features"
-    cache = FeatureCache(cache_dir)
-    cache.features(clips, CONFIG, progress=False)
-    cache.features(clips[:2], CONFIG, progress=False)
-    stale, fresh = cache.key(clips, CONFIG), cache.key(clips[:2], CONFIG)
+    folder, stale, fresh = two_entries(cache_dir, clips)
     for key in (stale, fresh):  # locks of builders on another node, whose pids cannot be asked
         (folder / f"{key}.lock").write_text(json.dumps({"host": "node7", "pid": 4242, "token": key, "time": 0}))
     long_ago = time.time() - 2 * STALE_AFTER  # no heartbeat for twice the stale-after period

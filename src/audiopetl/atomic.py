@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 _TEMP = re.compile(r"^(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})\.tmp$")
@@ -144,12 +145,20 @@ def find_temporaries(folder: str | Path) -> list[Temporary]:
 
 def remove_stale_temporaries(folder: str | Path) -> list[Temporary]:
     """Delete the temporaries in ``folder`` left by killed processes of this host; returns them."""
+    return remove_stale(find_temporaries(folder))
+
+
+T = TypeVar("T")
+
+
+def remove_stale(found: list[T]) -> list[T]:
+    """Delete the file (``.path``) of every item of ``found`` judged ``.stale``; returns those deleted."""
     removed = []
-    for temporary in find_temporaries(folder):
-        if temporary.stale:
+    for item in found:
+        if item.stale:
             try:
-                temporary.path.unlink(missing_ok=True)
+                item.path.unlink(missing_ok=True)
             except OSError:  # a read-only folder: leave it, the write that follows says why
                 continue
-            removed.append(temporary)
+            removed.append(item)
     return removed

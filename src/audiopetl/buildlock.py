@@ -43,7 +43,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import process_alive, temporary_name
+from .atomic import process_alive, remove_stale, temporary_name
 
 HEARTBEAT = 10.0  # seconds between heartbeats of a held lock
 STALE_AFTER = 120.0  # seconds without a heartbeat after which a lock is taken over
@@ -211,12 +211,4 @@ def find_old_heartbeats(folder: str | os.PathLike, stale_after: float = STALE_AF
 
 def remove_stale_old_heartbeats(folder: str | os.PathLike, stale_after: float = STALE_AFTER) -> list[OldHeartbeat]:
     """Delete the stale :func:`find_old_heartbeats` of ``folder``; returns them."""
-    removed = []
-    for beat in find_old_heartbeats(folder, stale_after):
-        if beat.stale:
-            try:
-                beat.path.unlink(missing_ok=True)
-            except OSError:  # a read-only folder: leave it, the write that follows says why
-                continue
-            removed.append(beat)
-    return removed
+    return remove_stale(find_old_heartbeats(folder, stale_after))

@@ -395,19 +395,19 @@ def run_cache(args: argparse.Namespace) -> None:
         for entry in entries:
             print(entry)
         temporaries = list_temporaries(args.cache_dir)
-        for temp in temporaries:
-            state = (
-                "stale: left by a killed build, removed at the next use or by `cache clear`"
-                if temp.stale else f"being written by process {temp.pid} on {temp.host}"
-            )
-            print(f"temporary {temp.size_bytes / 2**20:9.1f} MiB  {temp.path.name}  ({state})")
         old_beats = list_old_heartbeats(args.cache_dir)
-        for beat in old_beats:
-            state = (
-                "stale: left by a killed build lock of an earlier version, removed at the next use or by `cache clear`"
-                if beat.stale else f"heartbeat of an earlier version's build lock, written {beat.age:.0f} s ago"
-            )
-            print(f"temporary {beat.size_bytes / 2**20:9.1f} MiB  {beat.path.name}  ({state})")
+        described = [
+            (temp, "stale: left by a killed build, removed at the next use or by `cache clear`"
+             if temp.stale else f"being written by process {temp.pid} on {temp.host}")
+            for temp in temporaries
+        ] + [
+            (beat, "stale: left by a killed build lock of an earlier version, removed at the next use or by "
+             "`cache clear`" if beat.stale else f"heartbeat of an earlier version's build lock, written "
+             f"{beat.age:.0f} s ago")
+            for beat in old_beats
+        ]
+        for item, state in described:
+            print(f"temporary {item.size_bytes / 2**20:9.1f} MiB  {item.path.name}  ({state})")
         if not entries and not temporaries and not old_beats:
             print("(cache is empty)")
     else:
