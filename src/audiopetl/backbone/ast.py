@@ -237,7 +237,7 @@ def _fusable(projections: tuple[nn.Module, ...]) -> bool:
 ATTENTION_KERNELS = ("sdpa", "matmul")
 # Up to this many keys per query the matmul kernel's bf16 training pass beats PyTorch's CPU
 # flash-attention kernel (benchmarks/bench_attention.py: 1.97x at 110 keys, 1.31x at 206,
-# 1.01x at 230, slower beyond; never faster in fp32 or without autograd).
+# 1.01x at 230, slower beyond; in fp32 or without autograd 0.3-1.08x, i.e. no gain).
 MATMUL_ATTENTION_MAX_KEYS = 224
 
 
