@@ -98,3 +98,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_both_engines(tasks, items):
+    """Run ``items`` through the shared-LoRA engine and the one-pass-per-task engine; check each
+    clip's probabilities, from both, against its task's model run alone. Returns both engines
+    (their ``passes`` say how many backbone passes each made)."""
+    from audiopetl.serve import Engine
+
+    shared, per_task = Engine(tasks, "shared"), Engine(tasks, "per-task")
+    got, baseline = shared.run(items), per_task.run(items)
+    for (name, features), probabilities, reference in zip(items, got, baseline):
+        assert isinstance(probabilities, torch.Tensor), probabilities
+        with torch.no_grad():
+            alone = tasks[name].model(features).softmax(-1)[0]
+        torch.testing.assert_close(probabilities, alone, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(reference, alone, atol=1e-6, rtol=1e-5)
+    return shared, per_task
